@@ -1,0 +1,3 @@
+from mmbrca.cli import main
+
+main()

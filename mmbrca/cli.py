@@ -1,0 +1,123 @@
+"""The `mmbrca` command line. Each command parses options, calls the library and prints a summary.
+
+Bad input raises `UserError`, reported as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from mmbrca.errors import UserError
+
+
+class _Group(click.Group):
+    """Turns UserError into one line on stderr and exit code 2 (no traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"mmbrca: error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="mmbrca")
+def cli() -> None:
+    """Multimodal breast-cancer subtyping: H&E slides + gene expression, cross-attention fusion."""
+
+
+def _parse_size(_ctx, _param, value: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT such as 2560x2048, got {value!r}") from None
+    return width, height
+
+
+@cli.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--patients", default=60, show_default=True, help="Number of patients.")
+@click.option("--sites", default=6, show_default=True, help="Number of tissue source sites (4-16).")
+@click.option("--genes", default=2000, show_default=True, help="Number of genes in expression.tsv.")
+@click.option("--seed", default=0, show_default=True, help="Random seed; the output is deterministic for it.")
+@click.option("--slide-size", default="2560x2048", show_default=True, callback=_parse_size,
+              help="Level-0 slide size WIDTHxHEIGHT in pixels (multiples of 256).")
+@click.option("--workers", type=int, default=None, help="Processes rendering slides [default: up to 4 cores].")
+def demo_data(out: Path, patients: int, sites: int, genes: int, seed: int, slide_size: tuple[int, int],
+              workers: int | None) -> None:
+    """Write a TCGA-shaped raw demo dataset (slides/, expression.tsv, labels.csv) to OUT."""
+    from mmbrca.data.demo import DemoConfig, write_demo
+
+    config = DemoConfig(patients=patients, sites=sites, genes=genes, seed=seed, slide_width=slide_size[0],
+                        slide_height=slide_size[1])
+    write_demo(out, config, workers=workers)
+    n_slides = len(list((out / "slides").glob("*.svs")))
+    click.echo(f"demo data in {out}: {n_slides} slides, expression.tsv, labels.csv")
+
+
+@cli.command("cohort")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--expression", "expression", type=click.Path(path_type=Path), default=None,
+              help="Expression matrix (CSV/TSV/Parquet), genes x samples or samples x genes.")
+@click.option("--labels", "labels", type=click.Path(path_type=Path), required=True,
+              help="Table of patient (or sample) ids and subtype labels (CSV/TSV/Parquet).")
+@click.option("--slides", "slides", type=click.Path(path_type=Path), default=None,
+              help="Directory searched recursively for slides, matched to patients by barcode prefix.")
+@click.option("--label-map", type=click.Path(path_type=Path), default=None,
+              help="YAML with classes, map and drop [default: PAM50 -> Luminal vs Basal/Her2].")
+@click.option("--id-column", default=None, help="Patient id column of the labels file [default: detected].")
+@click.option("--label-column", default=None, help="Label column of the labels file [default: detected].")
+@click.option("--site-column", default=None, help="Site column of the labels file [default: TCGA barcode].")
+@click.option("--orientation", type=click.Choice(["auto", "genes-by-samples", "samples-by-genes"]),
+              default="auto", show_default=True, help="Expression layout; auto matches ids to the labels.")
+@click.option("--duplicate-genes", type=click.Choice(["error", "mean", "first"]), default="error",
+              show_default=True, help="What to do with a gene id that appears twice.")
+@click.option("--folds", default=5, show_default=True, help="Number of cross-validation folds.")
+@click.option("--split", type=click.Choice(["stratified", "site-preserved"]), default="stratified",
+              show_default=True, help="Stratified by class, or every site in exactly one fold.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the fold assignment.")
+def cohort(out: Path, expression: Path | None, labels: Path, slides: Path | None, label_map: Path | None,
+           id_column: str | None, label_column: str | None, site_column: str | None, orientation: str,
+           duplicate_genes: str, folds: int, split: str, seed: int) -> None:
+    """Validate raw expression, labels and slides and build the cohort directory OUT."""
+    from mmbrca.data.cohort import CohortOptions, build_cohort
+    from mmbrca.data.labels import LabelMap
+    from mmbrca.data.report import summary_lines
+
+    options = CohortOptions(
+        label_map=LabelMap.from_yaml(label_map) if label_map else LabelMap.default(),
+        id_column=id_column, label_column=label_column, site_column=site_column, orientation=orientation,
+        duplicate_genes=duplicate_genes, n_folds=folds, split=split, seed=seed)
+    result = build_cohort(out, expression_path=expression, labels_path=labels, slides_dir=slides, options=options)
+    click.echo("\n".join(summary_lines(result)))
+
+
+@cli.command("demo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("mmbrca-demo"),
+              show_default=True, help="Directory for the demo's raw data (raw/) and cohort (cohort/).")
+@click.option("--patients", default=60, show_default=True, help="Number of demo patients.")
+@click.option("--seed", default=0, show_default=True, help="Random seed.")
+def demo(out: Path, patients: int, seed: int) -> None:
+    """Run the pipeline on the built-in demo cohort: raw demo data (OUT/raw), then the cohort (OUT/cohort)."""
+    from mmbrca.data.cohort import CohortOptions, build_cohort
+    from mmbrca.data.demo import DemoConfig, write_demo
+    from mmbrca.data.labels import LabelMap
+    from mmbrca.data.report import summary_lines
+
+    raw = write_demo(out / "raw", DemoConfig(patients=patients, seed=seed))
+    click.echo(f"demo data in {raw}")
+    result = build_cohort(out / "cohort", expression_path=raw / "expression.tsv", labels_path=raw / "labels.csv",
+                          slides_dir=raw / "slides", options=CohortOptions(label_map=LabelMap.default(), seed=seed))
+    click.echo("\n".join(summary_lines(result)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="mmbrca")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
