@@ -30,6 +30,11 @@ def cli() -> None:
     """Multimodal breast-cancer subtyping: H&E slides + gene expression, cross-attention fusion."""
 
 
+def _optional_path(_ctx, _param, value: str | None) -> Path | None:
+    """An empty path (as an MLproject passes for 'not given') means the option is absent."""
+    return Path(value) if value else None
+
+
 def _parse_size(_ctx, _param, value: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in value.lower().split("x"))
@@ -61,11 +66,11 @@ def demo_data(out: Path, patients: int, sites: int, genes: int, seed: int, slide
 
 @cli.command("cohort")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--expression", "expression", type=click.Path(path_type=Path), default=None,
+@click.option("--expression", "expression", default=None, callback=_optional_path,
               help="Expression matrix (CSV/TSV/Parquet), genes x samples or samples x genes.")
 @click.option("--labels", "labels", type=click.Path(path_type=Path), required=True,
               help="Table of patient (or sample) ids and subtype labels (CSV/TSV/Parquet).")
-@click.option("--slides", "slides", type=click.Path(path_type=Path), default=None,
+@click.option("--slides", "slides", default=None, callback=_optional_path,
               help="Directory searched recursively for slides, matched to patients by barcode prefix.")
 @click.option("--label-map", type=click.Path(path_type=Path), default=None,
               help="YAML with classes, map and drop [default: PAM50 -> Luminal vs Basal/Her2].")

@@ -34,6 +34,11 @@ class Expression:
 
 def _load_matrix(path: Path) -> pd.DataFrame:
     frame = read_table(path, what="expression", index_col=0, low_memory=False)
+    columns = set(map(str, frame.columns))
+    for column in frame.columns:  # pandas renames a repeated header X to X.1; report the repeat instead
+        base, dot, number = str(column).rpartition(".")
+        if dot and number.isdigit() and base in columns:
+            raise UserError(f"{path}: column {base!r} appears more than once")
     if isinstance(frame.index, pd.RangeIndex) and len(frame.columns) and not pd.api.types.is_numeric_dtype(frame.dtypes.iloc[0]):
         frame = frame.set_index(frame.columns[0])  # Parquet written without an index
     # Firehose/TCGA "data.txt" files carry a second header row: gene_id | normalized_count | ...
@@ -56,12 +61,12 @@ def _orient(frame: pd.DataFrame, orientation: Orientation, patients: set[str], p
         raise UserError(f"--orientation: expected one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
     if orientation == "auto":
         by_columns, by_rows = _overlap(frame.columns, patients), _overlap(frame.index, patients)
-        if by_columns == 0 and by_rows == 0:
-            raise UserError(
-                f"{path}: no expression sample id matches a labelled patient (columns start "
-                f"{list(frame.columns[:2])}, rows start {list(frame.index[:2])}; labels start {sorted(patients)[:2]})")
         orientation = "genes-by-samples" if by_columns >= by_rows else "samples-by-genes"
     oriented = frame.T if orientation == "genes-by-samples" else frame
+    if _overlap(oriented.index, patients) == 0:
+        axis = "column" if orientation == "genes-by-samples" else "row"
+        raise UserError(f"{path}: no expression sample id matches a labelled patient ({orientation}: {axis} ids "
+                        f"start {list(oriented.index[:2])}; labels start {sorted(patients)[:2]})")
     oriented.index.name, oriented.columns.name = "sample_id", "gene_id"
     return oriented, orientation
 
@@ -71,6 +76,8 @@ def _to_numeric(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         return frame.astype(np.float64)
     numeric = frame.apply(pd.to_numeric, errors="coerce")
     bad = numeric.isna() & frame.notna()
+    if not bad.to_numpy().any():
+        return numeric.astype(np.float64)
     sample, gene = bad.stack().loc[lambda s: s].index[0]
     raise UserError(f"{path}: non-numeric expression value {frame.at[sample, gene]!r} for gene {gene!r} in sample {sample!r}")
 
