@@ -101,6 +101,40 @@ def cohort(out: Path, expression: Path | None, labels: Path, slides: Path | None
     click.echo("\n".join(summary_lines(result)))
 
 
+@cli.command("extract")
+@click.argument("cohort_dir", metavar="COHORT", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (torchvision IMAGENET1K_V2 from the torch cache), none (fixed random init) or PATH.")
+@click.option("--tiles-per-slide", default=128, show_default=True, help="At most this many tissue tiles per slide.")
+@click.option("--tile-size", default=224, show_default=True, help="Tile size in pixels at the target resolution.")
+@click.option("--mpp", default=0.5, show_default=True, help="Target resolution in µm per pixel (0.5 ≈ 20x).")
+@click.option("--min-tissue", default=0.5, show_default=True, help="Minimum tissue fraction of a kept tile.")
+@click.option("--assume-mpp", type=float, default=None,
+              help="Resolution for slides without mpp or objective-power metadata.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the tile sampling.")
+@click.option("--batch-size", default=32, show_default=True, help="Tiles per model batch.")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes reading tiles.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--experiment", default="mmbrca", show_default=True, help="MLflow experiment of the run.")
+def extract(cohort_dir: Path, weights: str, tiles_per_slide: int, tile_size: int, mpp: float, min_tissue: float,
+            assume_mpp: float | None, seed: int, batch_size: int, workers: int | None, device: str,
+            experiment: str) -> None:
+    """Tile every slide of COHORT and cache ResNet-50 features in COHORT/features (resumable)."""
+    from mmbrca.wsi.extract import ExtractOptions, default_workers, extract_cohort
+
+    options = ExtractOptions(weights=weights, mpp=mpp, tile_size=tile_size, tiles_per_slide=tiles_per_slide,
+                             min_tissue=min_tissue, assume_mpp=assume_mpp, seed=seed, batch_size=batch_size,
+                             workers=default_workers() if workers is None else workers, device=device)
+    result = extract_cohort(cohort_dir, options, experiment=experiment)
+    click.echo(f"slides: {len(result.done)} done, {len(result.cached)} cached, {len(result.failed)} failed; "
+               f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.1f} tiles/s)")
+    if result.failed:
+        for slide, reason in sorted(result.failed.items()):
+            click.echo(f"  failed: {Path(slide).name}: {reason}", err=True)
+        click.echo(f"failures recorded in {cohort_dir / 'features' / 'failures.csv'}", err=True)
+        raise SystemExit(1)
+
+
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("mmbrca-demo"),
               show_default=True, help="Directory for the demo's raw data (raw/) and cohort (cohort/).")

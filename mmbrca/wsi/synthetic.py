@@ -76,11 +76,10 @@ def tissue_mask(rng: np.random.Generator, shape: tuple[int, int], coverage: floa
         cy, cx = rng.uniform(0.3, 0.7) * low[0], rng.uniform(0.3, 0.7) * low[1]
         ry, rx = rng.uniform(0.2, 0.35) * low[0], rng.uniform(0.2, 0.35) * low[1]
         field = np.maximum(field, 2.0 - 2.0 * np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) + field * 0.3)
-    # keep a margin of empty glass around the tissue, as on a real slide
-    margin = np.ones(low, dtype=bool)
-    border = max(1, min(low) // 12)
-    margin[:border], margin[-border:], margin[:, :border], margin[:, -border:] = False, False, False, False
-    field = np.where(margin, field, field.min())
+    # fade the field towards the edges so tissue ends inside the glass with a natural outline
+    border = max(2.0, min(low) / 8)
+    edge_distance = np.minimum.reduce([yy, xx, low[0] - 1 - yy, low[1] - 1 - xx])
+    field = field - 4.0 * np.clip(1.0 - edge_distance / border, 0.0, 1.0) ** 2
     zoom = (shape[0] / low[0], shape[1] / low[1])
     full = ndimage.zoom(field, zoom, order=1)[: shape[0], : shape[1]]
     threshold = np.quantile(full, 1.0 - coverage)
@@ -222,18 +221,21 @@ def _label_image(rng: np.random.Generator, size: tuple[int, int] = (160, 160)) -
     return label
 
 
-def write_aperio_svs(path: str | os.PathLike, rgb: np.ndarray, *, mpp: float, app_mag: int,
+def write_aperio_svs(path: str | os.PathLike, rgb: np.ndarray, *, mpp: float | None, app_mag: int | None,
                      downsamples: tuple[int, ...] = (4, 16), tile: int = 256, quality: int = 85,
                      rng: np.random.Generator | None = None) -> Path:
     """Write `rgb` as an Aperio SVS: tiled JPEG levels as separate pages, a stripped thumbnail
-    as the second page, and label and macro images; the first ImageDescription carries AppMag and MPP.
+    as the second page, and label and macro images; the first ImageDescription carries AppMag and
+    MPP (either may be left out, as on some real scanners' files).
     The file appears only when complete (temp file + rename).
     """
     path = Path(path)
     rng = rng or np.random.default_rng(0)
     h, w = rgb.shape[:2]
     head = f"{APERIO_VERSION} \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile})"
-    meta = f"AppMag = {app_mag}|StripeWidth = 2040|ScanScope ID = SS1302|Filename = {path.stem}|MPP = {mpp:.4f}"
+    meta = "|".join(
+        ([f"AppMag = {app_mag}"] if app_mag else []) + ["StripeWidth = 2040", "ScanScope ID = SS1302",
+                                                       f"Filename = {path.stem}"] + ([f"MPP = {mpp:.4f}"] if mpp else []))
     jpeg = {"compression": "jpeg", "compressionargs": {"level": quality}, "photometric": "rgb", "metadata": None}
     thumb = downsample(rgb, max(1, max(h, w) // 768))
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tiff:
