@@ -101,6 +101,11 @@ def cohort(out: Path, expression: Path | None, labels: Path, slides: Path | None
     click.echo("\n".join(summary_lines(result)))
 
 
+def _extract_summary(result) -> str:
+    return (f"slides: {len(result.done)} done, {len(result.cached)} cached, {len(result.failed)} failed; "
+            f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.1f} tiles/s)")
+
+
 @cli.command("extract")
 @click.argument("cohort_dir", metavar="COHORT", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--weights", default="imagenet", show_default=True,
@@ -126,8 +131,7 @@ def extract(cohort_dir: Path, weights: str, tiles_per_slide: int, tile_size: int
                              min_tissue=min_tissue, assume_mpp=assume_mpp, seed=seed, batch_size=batch_size,
                              workers=default_workers() if workers is None else workers, device=device)
     result = extract_cohort(cohort_dir, options, experiment=experiment)
-    click.echo(f"slides: {len(result.done)} done, {len(result.cached)} cached, {len(result.failed)} failed; "
-               f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.1f} tiles/s)")
+    click.echo(_extract_summary(result))
     if result.failed:
         for slide, reason in sorted(result.failed.items()):
             click.echo(f"  failed: {Path(slide).name}: {reason}", err=True)
@@ -140,18 +144,25 @@ def extract(cohort_dir: Path, weights: str, tiles_per_slide: int, tile_size: int
               show_default=True, help="Directory for the demo's raw data (raw/) and cohort (cohort/).")
 @click.option("--patients", default=60, show_default=True, help="Number of demo patients.")
 @click.option("--seed", default=0, show_default=True, help="Random seed.")
-def demo(out: Path, patients: int, seed: int) -> None:
-    """Run the pipeline on the built-in demo cohort: raw demo data (OUT/raw), then the cohort (OUT/cohort)."""
+@click.option("--weights", default="none", show_default=True,
+              help="Tile encoder weights: none runs offline; imagenet needs the torchvision cache.")
+@click.option("--tiles-per-slide", default=16, show_default=True, help="Tiles encoded per demo slide.")
+def demo(out: Path, patients: int, seed: int, weights: str, tiles_per_slide: int) -> None:
+    """Run the pipeline on the built-in demo cohort: raw data (OUT/raw), cohort (OUT/cohort), features."""
     from mmbrca.data.cohort import CohortOptions, build_cohort
     from mmbrca.data.demo import DemoConfig, write_demo
     from mmbrca.data.labels import LabelMap
     from mmbrca.data.report import summary_lines
+    from mmbrca.wsi.extract import ExtractOptions, extract_cohort
 
     raw = write_demo(out / "raw", DemoConfig(patients=patients, seed=seed))
     click.echo(f"demo data in {raw}")
     result = build_cohort(out / "cohort", expression_path=raw / "expression.tsv", labels_path=raw / "labels.csv",
                           slides_dir=raw / "slides", options=CohortOptions(label_map=LabelMap.default(), seed=seed))
     click.echo("\n".join(summary_lines(result)))
+    extracted = extract_cohort(out / "cohort", ExtractOptions(weights=weights, tiles_per_slide=tiles_per_slide,
+                                                              seed=seed))
+    click.echo(_extract_summary(extracted))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,6 +85,7 @@ class ExtractResult:
     failed: dict[str, str] = field(default_factory=dict)
     tiles: int = 0
     seconds: float = 0.0
+    encoder_loaded: bool = False  # False when every slide came from the cache
 
     @property
     def tiles_per_second(self) -> float:
@@ -152,48 +153,97 @@ def extract_slides(slide_paths: list[str], out_dir: str | os.PathLike, options: 
         else:
             jobs.append((index, path))
     if jobs:  # the model is built only when some slide needs it
-        model, _ = build_encoder(options.weights)
-        device = options.torch_device()
-        _run_jobs(jobs, slide_paths, names, keys, params, out_dir, TileEncoder(model, device), options, result,
-                  progress=progress)
+        _run_jobs(jobs, slide_paths, names, keys, params, out_dir, options, result, progress=progress)
     _write_failures(out_dir / "failures.csv", result.failed)
     _write_manifest(out_dir / "manifest.json", params, {p: names[p] for p in result.done + result.cached})
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _run_jobs(jobs, slide_paths, names, keys, params, out_dir, encoder, options, result, *, progress: bool) -> None:
+class _Batcher:
+    """Gathers tiles from per-slide chunks into full model batches that may span slides."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.chunks: list[tuple[int, int, torch.Tensor]] = []  # (slide, start, images (b, 3, H, W))
+        self.buffered = 0
+
+    def add(self, slide: int, start: int, images: torch.Tensor) -> None:
+        self.chunks.append((slide, start, images))
+        self.buffered += len(images)
+
+    def drop(self, slide: int) -> None:
+        self.chunks = [c for c in self.chunks if c[0] != slide]
+        self.buffered = sum(len(c[2]) for c in self.chunks)
+
+    def take(self, flush: bool = False) -> tuple[torch.Tensor, list[tuple[int, int, int]]] | None:
+        """A batch (B, 3, H, W) and where its rows go: (slide, start, count); None if not full yet."""
+        if self.buffered == 0 or (self.buffered < self.batch_size and not flush):
+            return None
+        parts, routes, wanted = [], [], self.batch_size
+        while wanted and self.chunks:
+            slide, start, images = self.chunks[0]
+            n = min(wanted, len(images))
+            parts.append(images[:n])
+            routes.append((slide, start, n))
+            if n == len(images):
+                self.chunks.pop(0)
+            else:
+                self.chunks[0] = (slide, start + n, images[n:])
+            wanted -= n
+        self.buffered -= self.batch_size - wanted
+        return torch.cat(parts), routes
+
+
+def _run_jobs(jobs, slide_paths, names, keys, params, out_dir, options, result, *, progress: bool) -> None:
+    device = options.torch_device()
     loader = DataLoader(_SlideTiles(jobs, options), batch_size=None, num_workers=options.workers,
                         worker_init_fn=_worker_init if options.workers else None,
-                        pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if options.workers else None)
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if options.workers else None)
+    items = iter(loader)  # workers start planning and reading while the model is built
+    model, _ = build_encoder(options.weights)
+    encoder = TileEncoder(model, device)
+    result.encoder_loaded = True
     pending: dict[int, dict] = {}
+    batcher = _Batcher(options.batch_size)
     slide_bar = tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress, position=0)
     tile_bar = tqdm(total=0, desc="tiles", unit="tile", disable=not progress, position=1, leave=False)
-    for item in loader:
+
+    def encode(flush: bool = False) -> None:
+        while (taken := batcher.take(flush)) is not None:
+            images, routes = taken
+            features = encoder(images)  # (B, 2048)
+            offset = 0
+            for slide, start, count in routes:
+                state = pending[slide]
+                state["features"][start:start + count] = features[offset:offset + count]
+                state["filled"] += count
+                offset += count
+                if state["filled"] == len(state["plan"].coords):
+                    path = slide_paths[slide]
+                    _finish_slide(out_dir / names[path], path, keys[path], params, pending.pop(slide))
+                    result.done.append(path)
+                    result.tiles += len(state["plan"].coords)
+                    slide_bar.update()
+            tile_bar.update(len(images))
+
+    for item in items:
         index = item["slide"]
-        path = slide_paths[index]
         if "error" in item:
             pending.pop(index, None)
-            result.failed[path] = item["error"]
+            batcher.drop(index)
+            result.failed[slide_paths[index]] = item["error"]
             slide_bar.update()
-            continue
-        if "plan" in item:
+        elif "plan" in item:
             plan = item["plan"]
             pending[index] = {"plan": plan, "mpp": item["mpp"], "mpp_source": item["mpp_source"],
                               "features": np.zeros((len(plan.coords), 2048), np.float16), "filled": 0}
             tile_bar.total += len(plan.coords)
             tile_bar.refresh()
-            continue
-        state = pending[index]
-        features = encoder(item["images"])  # (B, 2048)
-        state["features"][item["start"]:item["start"] + len(features)] = features
-        state["filled"] += len(features)
-        tile_bar.update(len(features))
-        if state["filled"] == len(state["plan"].coords):
-            _finish_slide(out_dir / names[path], path, keys[path], params, pending.pop(index))
-            result.done.append(path)
-            result.tiles += state["filled"]
-            slide_bar.update()
+        else:
+            batcher.add(index, item["start"], item["images"])
+            encode()
+    encode(flush=True)
     tile_bar.close()
     slide_bar.close()
 

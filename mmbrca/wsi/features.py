@@ -93,7 +93,10 @@ def build_encoder(weights: str) -> tuple[nn.Module, str]:
         state = _load_state_dict(path)
         model = resnet50(weights=None)
         model.fc = nn.Identity()
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatch
+            raise UserError(f"--weights {path}: not a ResNet-50 state dict ({str(exc).splitlines()[-1].strip()})") from None
         if missing or unexpected:
             culprit = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
             raise UserError(f"--weights {path}: not a ResNet-50 state dict ({culprit}, "
