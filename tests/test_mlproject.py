@@ -47,3 +47,14 @@ def test_mlflow_run_cohort_entry_point(demo_raw, tmp_path):
     runs = MlflowClient(uri).search_runs(experiment_ids=["0"])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["folds"] == "3"
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "extract", "--env-manager", "local",
+         "-P", f"cohort={out}", "-P", "weights=none", "-P", "tiles_per_slide=1", "-P", "tile_size=64"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = yaml.safe_load((out / "features" / "manifest.json").read_text())
+    assert manifest["params"]["tiles_per_slide"] == 1 and manifest["slides"]
+    (extract_run,) = [r for r in MlflowClient(uri).search_runs(experiment_ids=["0"]) if r.info.run_id != runs[0].info.run_id]
+    assert extract_run.info.status == "FINISHED"
+    assert extract_run.data.metrics["slides_done"] == len(manifest["slides"])

@@ -276,16 +276,16 @@ def extract_cohort(cohort_dir: str | os.PathLike, options: ExtractOptions, *, ex
     import mlflow
 
     from mmbrca.data.cohort import load_cohort
+    from mmbrca.tracking import start_run
 
     cohort = load_cohort(cohort_dir)
     slides = sorted({str(p) for paths in cohort.table["slide_paths"] for p in paths})
     if not slides:
         raise UserError(f"{cohort.path}: the cohort has no slides (build it with `mmbrca cohort --slides DIR`)")
     out_dir = cohort.path / FEATURES_DIR
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"extract/{cohort.path.resolve().name}",
-                          tags={"mmbrca.step": "extract", "cohort_fingerprint": cohort.fingerprint,
-                                "cohort_path": str(cohort.path.resolve())}):
+    with start_run(experiment, f"extract/{cohort.path.resolve().name}",
+                   tags={"mmbrca.step": "extract", "cohort_fingerprint": cohort.fingerprint,
+                         "cohort_path": str(cohort.path.resolve())}):
         mlflow.log_params({**{k: v for k, v in asdict(options).items()}, "device": str(options.torch_device()),
                            "torch_threads": torch.get_num_threads()})
         result = extract_slides(slides, out_dir, options, progress=progress)
