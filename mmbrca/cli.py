@@ -139,6 +139,35 @@ def extract(cohort_dir: Path, weights: str, tiles_per_slide: int, tile_size: int
         raise SystemExit(1)
 
 
+@cli.command("train")
+@click.argument("cohort_dir", metavar="COHORT", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--fold", type=int, required=True, help="Test fold (0..K-1); the other folds train and validate.")
+@click.option("--modality", type=click.Choice(["gene", "image", "concat", "cross_attention"]), default=None,
+              help="Shorthand for --set model.modality=M [default: cross_attention].")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML config (sections model, preprocess, train).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set model.heads=8 --set lr=1e-3 (repeatable).")
+@click.option("--experiment", default=None, help="MLflow experiment [default: mmbrca].")
+@click.option("--demo-if-missing", is_flag=True,
+              help="If COHORT does not exist, build the demo cohort with features there first.")
+def train(cohort_dir: Path, fold: int, modality: str | None, config_path: Path | None, overrides: tuple[str, ...],
+          experiment: str | None, demo_if_missing: bool) -> None:
+    """Train and evaluate one fold of COHORT; everything is logged to MLflow."""
+    from mmbrca.config import load_config
+    from mmbrca.train import train_fold
+
+    extra = [f"train.fold={fold}"] + ([f"model.modality={modality}"] if modality else [])
+    extra += [f"experiment={experiment}"] if experiment else []
+    config = load_config(config_path, list(overrides) + extra)
+    if demo_if_missing and not (cohort_dir / "cohort.json").exists():
+        _build_demo(cohort_dir.parent, cohort_name=cohort_dir.name)
+    result = train_fold(cohort_dir, config)
+    test = {k: v for k, v in result.metrics.items() if k.startswith("test_") and not k.startswith("test_site")}
+    click.echo(f"run {result.run_id}: best epoch {result.best_epoch} of {result.epochs_run}")
+    click.echo("  ".join(f"{k}={v:.3f}" for k, v in test.items()))
+
+
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("mmbrca-demo"),
               show_default=True, help="Directory for the demo's raw data (raw/) and cohort (cohort/).")
@@ -149,6 +178,12 @@ def extract(cohort_dir: Path, weights: str, tiles_per_slide: int, tile_size: int
 @click.option("--tiles-per-slide", default=16, show_default=True, help="Tiles encoded per demo slide.")
 def demo(out: Path, patients: int, seed: int, weights: str, tiles_per_slide: int) -> None:
     """Run the pipeline on the built-in demo cohort: raw data (OUT/raw), cohort (OUT/cohort), features."""
+    _build_demo(out, patients=patients, seed=seed, weights=weights, tiles_per_slide=tiles_per_slide)
+
+
+def _build_demo(out: Path, *, cohort_name: str = "cohort", patients: int = 60, seed: int = 0, weights: str = "none",
+                tiles_per_slide: int = 16) -> Path:
+    """Demo raw data in OUT/raw, the cohort in OUT/<cohort_name>, and its tile features."""
     from mmbrca.data.cohort import CohortOptions, build_cohort
     from mmbrca.data.demo import DemoConfig, write_demo
     from mmbrca.data.labels import LabelMap
@@ -157,12 +192,13 @@ def demo(out: Path, patients: int, seed: int, weights: str, tiles_per_slide: int
 
     raw = write_demo(out / "raw", DemoConfig(patients=patients, seed=seed))
     click.echo(f"demo data in {raw}")
-    result = build_cohort(out / "cohort", expression_path=raw / "expression.tsv", labels_path=raw / "labels.csv",
+    result = build_cohort(out / cohort_name, expression_path=raw / "expression.tsv", labels_path=raw / "labels.csv",
                           slides_dir=raw / "slides", options=CohortOptions(label_map=LabelMap.default(), seed=seed))
     click.echo("\n".join(summary_lines(result)))
-    extracted = extract_cohort(out / "cohort", ExtractOptions(weights=weights, tiles_per_slide=tiles_per_slide,
-                                                              seed=seed))
+    extracted = extract_cohort(out / cohort_name, ExtractOptions(weights=weights, tiles_per_slide=tiles_per_slide,
+                                                                 seed=seed))
     click.echo(_extract_summary(extracted))
+    return out / cohort_name
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,22 +3,82 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
+import pandas as pd
+
+if TYPE_CHECKING:
+    from mmbrca.config import Config
+    from mmbrca.data.cohort import Cohort
+    from mmbrca.models import Classifier
+    from mmbrca.train import FoldData
 
 PROJECT_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the command it starts
 
 
-def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None) -> mlflow.ActiveRun:
+def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None, *,
+              parent_run_id: str | None = None) -> mlflow.ActiveRun:
     """Start a tracked run, or continue the one `mlflow run` created for this command.
 
     Under `mlflow run` the project's run (and so its experiment, chosen with
-    `mlflow run --experiment-name`) is reused; the run gets our name and tags.
+    `mlflow run --experiment-name`) is reused; the run gets our name and tags. A child run names
+    its parent explicitly, which keeps the tree right with parallel workers.
     """
     tags = dict(tags or {})
-    if os.environ.get(PROJECT_RUN_ENV):
+    if parent_run_id is not None:
+        parent = mlflow.get_run(parent_run_id)
+        return mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name, tags=tags,
+                                parent_run_id=parent_run_id, nested=True)
+    if os.environ.get(PROJECT_RUN_ENV) and mlflow.active_run() is None:
         run = mlflow.start_run(run_id=os.environ[PROJECT_RUN_ENV])
         mlflow.set_tags({**tags, "mlflow.runName": run_name})
         return run
     mlflow.set_experiment(experiment)
     return mlflow.start_run(run_name=run_name, tags=tags)
+
+
+def log_config(config: Config, extra: dict | None = None) -> None:
+    """Every hyperparameter as a param (one batched call)."""
+    mlflow.log_params({**config.flat(), **(extra or {})})
+
+
+def log_cohort_input(cohort: Cohort, data: FoldData) -> None:
+    """The cohort as an MLflow dataset input, with this run's split of each patient."""
+    split_of = {r.patient_id: name for name, records in data.records.items() for r in records}
+    table = cohort.table.drop(columns=["slide_paths"]).assign(
+        fold=lambda t: t["patient_id"].map(cohort.folds), split=lambda t: t["patient_id"].map(split_of).fillna("unused"))
+    dataset = mlflow.data.from_pandas(table, source=str(cohort.path.resolve()), name=cohort.path.resolve().name,
+                                      targets="class_name", digest=cohort.fingerprint)
+    mlflow.log_input(dataset, context="training")
+
+
+def log_fold_artifacts(workdir: Path, config: Config, cohort: Cohort, data: FoldData, predictions: pd.DataFrame) -> None:
+    """PR curve, confusion matrix, test predictions, fold assignment and the resolved config."""
+    from mmbrca.plots import confusion_matrix_png, pr_curve_png
+
+    classes = data.classes
+    predictions.to_csv(workdir / "test_predictions.csv", index=False)
+    split_of = {r.patient_id: name for name, records in data.records.items() for r in records}
+    folds = cohort.folds.rename_axis("patient_id").reset_index()
+    folds["split"] = folds["patient_id"].map(split_of).fillna("excluded (missing modality)")
+    folds.to_csv(workdir / "folds.csv", index=False)
+    (workdir / "config.yaml").write_text(config.to_yaml())
+    y_true = predictions["true_class"].map(classes.index).to_numpy()
+    scores = predictions[f"prob_{classes[-1]}"].to_numpy()
+    predicted = predictions["predicted_class"].map(classes.index).to_numpy()
+    title = f"{config.model.modality} fold {config.train.fold} (test)"
+    pr_curve_png(workdir / "pr_curve.png", y_true == len(classes) - 1, scores, title=title, positive=classes[-1])
+    confusion_matrix_png(workdir / "confusion_matrix.png", y_true, predicted, classes, title=title)
+    for name in ("test_predictions.csv", "folds.csv", "config.yaml", "pr_curve.png", "confusion_matrix.png"):
+        mlflow.log_artifact(str(workdir / name))
+
+
+def log_model(workdir: Path, model: Classifier, config: Config, data: FoldData, cohort: Cohort):
+    from mmbrca.registry import log_fold_model, model_input
+
+    example = model_input(data.records["test"][:2], cohort, data.preprocessor)
+    return log_fold_model(model=model.cpu(), config=config, preprocessor=data.preprocessor,
+                          tile_normalizer=data.tile_normalizer, classes=data.classes, input_example=example,
+                          workdir=workdir)

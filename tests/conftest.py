@@ -19,6 +19,22 @@ def demo_raw(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def feature_cohort(demo_cohort, tmp_path_factory) -> Path:
+    """The demo cohort with tile features (random-init encoder, 8 tiles of 112 px per slide)."""
+    import shutil
+
+    from mmbrca.wsi.extract import ExtractOptions, extract_slides
+
+    out = tmp_path_factory.mktemp("features") / "cohort"
+    shutil.copytree(demo_cohort.path, out)
+    slides = sorted({p for paths in demo_cohort.table["slide_paths"] for p in paths})
+    options = ExtractOptions(weights="none", tiles_per_slide=8, tile_size=112, workers=1)
+    result = extract_slides(slides, out / "features", options, progress=False)
+    assert not result.failed
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_cohort(demo_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort") / "cohort"
     return build_cohort(out, expression_path=demo_raw / "expression.tsv", labels_path=demo_raw / "labels.csv",

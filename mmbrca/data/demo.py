@@ -154,16 +154,19 @@ def _expression(config: DemoConfig, patients: list[DemoPatient], rng: np.random.
     effect = {s: np.zeros(n_genes) for s in SUBTYPES}
     index = {g.split("|")[0]: i for i, g in enumerate(genes)}
     for symbol in LUMINAL_GENES:
-        effect["LumA"][index[symbol]] = effect["LumB"][index[symbol]] = 2.0
-        effect["Normal"][index[symbol]] = 1.0
+        effect["LumA"][index[symbol]] = effect["LumB"][index[symbol]] = 3.0
+        effect["Normal"][index[symbol]] = 1.5
     for symbol in BASAL_GENES:
-        effect["Basal"][index[symbol]] = 2.2
-        effect["Normal"][index[symbol]] = 1.0
+        effect["Basal"][index[symbol]] = 3.0
+        effect["Normal"][index[symbol]] = 1.5
     for symbol in HER2_GENES:
-        effect["Her2"][index[symbol]] = 3.0
+        effect["Her2"][index[symbol]] = 3.5
     for symbol in PROLIFERATION_GENES:
         for subtype in ("LumB", "Basal", "Her2"):
-            effect[subtype][index[symbol]] = 1.2
+            effect[subtype][index[symbol]] = 1.5
+    is_marker = np.zeros(n_genes, dtype=bool)
+    is_marker[[index[s] for s in LUMINAL_GENES | BASAL_GENES | HER2_GENES | PROLIFERATION_GENES]] = True
+    spread[is_marker] = 0.5
     columns = {}
     for patient in patients:
         for sample in patient.samples:
@@ -171,7 +174,7 @@ def _expression(config: DemoConfig, patients: list[DemoPatient], rng: np.random.
             level = baseline + effect["Normal" if normal else patient.subtype] + site_shift[patient.site_index]
             x = level + spread * rng.standard_normal(n_genes)
             values = np.clip(np.exp2(x) - 1, 0, None)
-            values[rng.random(n_genes) < 0.03] = 0.0  # dropouts
+            values[(rng.random(n_genes) < 0.03) & ~is_marker] = 0.0  # dropouts of lowly covered genes
             columns[sample] = np.round(values, 4)
     frame = pd.DataFrame(columns, index=pd.Index(genes, name="gene_id"))
     return frame
