@@ -141,7 +141,7 @@ def extract(cohort_dir: Path, weights: str, tiles_per_slide: int, tile_size: int
 
 @cli.command("train")
 @click.argument("cohort_dir", metavar="COHORT", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--fold", type=int, required=True, help="Test fold (0..K-1); the other folds train and validate.")
+@click.option("--fold", type=float, required=True, help="Test fold (0..K-1); the other folds train and validate.")
 @click.option("--modality", type=click.Choice(["gene", "image", "concat", "cross_attention"]), default=None,
               help="Shorthand for --set model.modality=M [default: cross_attention].")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -157,7 +157,7 @@ def train(cohort_dir: Path, fold: int, modality: str | None, config_path: Path |
     from mmbrca.config import load_config
     from mmbrca.train import train_fold
 
-    extra = [f"train.fold={fold}"] + ([f"model.modality={modality}"] if modality else [])
+    extra = [f"train.fold={fold:g}"] + ([f"model.modality={modality}"] if modality else [])
     extra += [f"experiment={experiment}"] if experiment else []
     config = load_config(config_path, list(overrides) + extra)
     if demo_if_missing and not (cohort_dir / "cohort.json").exists():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +59,37 @@ def test_mlflow_run_cohort_entry_point(demo_raw, tmp_path):
     (extract_run,) = [r for r in MlflowClient(uri).search_runs(experiment_ids=["0"]) if r.info.run_id != runs[0].info.run_id]
     assert extract_run.info.status == "FINISHED"
     assert extract_run.data.metrics["slides_done"] == len(manifest["slides"])
+
+
+def test_mlflow_run_main_trains_a_fold(feature_cohort, tmp_path):
+    """`mlflow run . -P fold=1 --env-manager local`: the run, its metrics, artifacts and model."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "-P", "fold=1", "--env-manager", "local",
+         "-P", f"cohort={feature_cohort}", "-P", "epochs=4", "-P", "top_genes=100", "-P", "bag_size=8",
+         "--experiment-name", "proj"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "cross_attention/fold-1"
+    assert run.data.params["train.epochs"] == "4" and run.data.params["fold"] == "1"
+    for name in ("accuracy", "pr_auc", "f1", "roc_auc", "mcc", "balanced_accuracy"):
+        assert f"test_{name}" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss") if m.step] == [1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"pr_curve.png", "confusion_matrix.png", "test_predictions.csv", "folds.csv", "config.yaml"} <= artifacts
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+        example = model.input_example
+        out = model.predict(example)
+        assert list(out.columns) == ["patient_id", "prob_Luminal", "prob_Basal/Her2", "predicted_class"]
+        assert np.allclose(out[["prob_Luminal", "prob_Basal/Her2"]].sum(axis=1), 1)
+    finally:
+        mlflow.set_tracking_uri(None)
