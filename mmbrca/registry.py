@@ -109,7 +109,7 @@ def pip_requirements() -> list[str]:
 
 def log_fold_model(*, model: torch.nn.Module, config: Config, preprocessor: GenePreprocessor | None,
                    tile_normalizer: TileNormalizer | None, classes: list[str], input_example: pd.DataFrame,
-                   workdir: Path, name: str = "model"):
+                   output_example: pd.DataFrame, workdir: Path, name: str = "model"):
     """Log the fold model as an MLflow pyfunc model (with the mmbrca package as code)."""
     workdir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), workdir / "weights.pt")
@@ -125,6 +125,7 @@ def log_fold_model(*, model: torch.nn.Module, config: Config, preprocessor: Gene
     if tile_normalizer is not None:
         (workdir / "tile_normalizer.json").write_text(tile_normalizer.to_json())
         artifacts["tile_normalizer"] = str(workdir / "tile_normalizer.json")
+    signature = mlflow.models.infer_signature(input_example, output_example)  # no extra model load to infer it
     return mlflow.pyfunc.log_model(name=name, python_model=FoldModel(), artifacts=artifacts,
                                    code_paths=[str(PACKAGE_DIR)], pip_requirements=pip_requirements(),
-                                   input_example=input_example)
+                                   input_example=input_example, signature=signature)

@@ -75,10 +75,44 @@ def log_fold_artifacts(workdir: Path, config: Config, cohort: Cohort, data: Fold
         mlflow.log_artifact(str(workdir / name))
 
 
-def log_model(workdir: Path, model: Classifier, config: Config, data: FoldData, cohort: Cohort):
+def log_model(workdir: Path, model: Classifier, config: Config, data: FoldData, cohort: Cohort,
+              predictions: pd.DataFrame):
+    """The fold model; its input example is two test patients, its output example their predictions."""
     from mmbrca.registry import log_fold_model, model_input
 
     example = model_input(data.records["test"][:2], cohort, data.preprocessor)
+    output = predictions.drop(columns=["site", "true_class"]).head(2)
     return log_fold_model(model=model.cpu(), config=config, preprocessor=data.preprocessor,
                           tile_normalizer=data.tile_normalizer, classes=data.classes, input_example=example,
-                          workdir=workdir)
+                          output_example=output, workdir=workdir)
+
+
+class MetricBuffer:
+    """Per-epoch metrics sent in batches (one `log_batch` every `interval` seconds and at the end).
+
+    One `log_metrics` call per epoch costs a round trip each; batching keeps logging out of the
+    training time while the UI still sees progress every few seconds.
+    """
+
+    def __init__(self, run_id: str, interval: float = 10.0) -> None:
+        import time
+
+        self.run_id, self.interval, self._clock = run_id, interval, time.monotonic
+        self.pending: list = []
+        self.last_flush = self._clock()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        if self._clock() - self.last_flush >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=self.pending)
+            self.pending = []
+        self.last_flush = self._clock()

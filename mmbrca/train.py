@@ -206,7 +206,8 @@ def train_fold(cohort_dir: str | Path, config: Config, *, progress: bool = True,
                                                "n_test": len(data.records["test"]), "n_excluded_missing_modality":
                                                data.excluded, "n_genes": data.preprocessor.n_genes if data.preprocessor else 0})
             tracking.log_cohort_input(cohort, data)
-        model, best_epoch, epochs_run = _fit(data, config, device, timer, progress)
+        metric_buffer = tracking.MetricBuffer(run.info.run_id)
+        model, best_epoch, epochs_run = _fit(data, config, device, timer, metric_buffer, progress)
         with timer("eval"):
             metrics, outputs = {}, {}
             loss_fn = torch.nn.NLLLoss(weight=_class_weights(data.records["train"], len(data.classes)))
@@ -225,18 +226,16 @@ def train_fold(cohort_dir: str | Path, config: Config, *, progress: bool = True,
             tracking.log_fold_artifacts(Path(tmp), config, cohort, data, predictions)
         if log_model:
             with timer("log_model"), tempfile.TemporaryDirectory() as tmp:
-                tracking.log_model(Path(tmp), model, config, data, cohort)
+                tracking.log_model(Path(tmp), model, config, data, cohort, predictions)
         run_id = run.info.run_id
     attention = {r.patient_id: a for r, a in zip(data.records["test"], outputs["test"][1])}
     return FoldResult(run_id=run_id, metrics=metrics, best_epoch=best_epoch, epochs_run=epochs_run,
                       predictions=predictions, attention=attention, timings=dict(timer.seconds), model=model, data=data)
 
 
-def _fit(data: FoldData, config: Config, device: torch.device, timer: Timer, progress: bool
+def _fit(data: FoldData, config: Config, device: torch.device, timer: Timer, metric_buffer, progress: bool
          ) -> tuple[Classifier, int, int]:
     """The training loop: AdamW, warm-up + cosine schedule, clipping, early stopping on validation."""
-    import mlflow
-
     cfg = config.train
     model = build_model(config.model, n_genes=data.preprocessor.n_genes if data.preprocessor else 0,
                         n_classes=len(data.classes)).to(device)
@@ -284,10 +283,12 @@ def _fit(data: FoldData, config: Config, device: torch.device, timer: Timer, pro
         if score < best[0]:
             best = (score, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
         with timer("log_metrics"):
-            mlflow.log_metrics({"train_loss": total / max(seen, 1), **val, "lr": scheduler.get_last_lr()[0]}, step=epoch)
+            metric_buffer.log({"train_loss": total / max(seen, 1), **val, "lr": scheduler.get_last_lr()[0]}, step=epoch)
         bar.set_postfix(train_loss=f"{total / max(seen, 1):.3f}", val_loss=f"{val['val_loss']:.3f}")
         if epoch - best[1] >= cfg.patience:
             break
+    with timer("log_metrics"):
+        metric_buffer.flush()
     if best[2] is not None:
         model.load_state_dict(best[2])
     return model, best[1], epoch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,26 @@ def demo_cohort(demo_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort") / "cohort"
     return build_cohort(out, expression_path=demo_raw / "expression.tsv", labels_path=demo_raw / "labels.csv",
                         slides_dir=demo_raw / "slides", options=CohortOptions(label_map=LabelMap.default(), seed=3))
+
+
+def subprocess_env(tracking_uri: str) -> dict[str, str]:
+    """Environment for a child process: this interpreter's bin first, a tracking store, no MLflow
+    state leaked from runs of this test process (mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+@pytest.fixture()
+def tracking(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store for this test, in the environment and in this process."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield MlflowClient(uri)
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)

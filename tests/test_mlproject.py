@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tests.conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,8 +37,7 @@ def test_mlflow_run_cohort_entry_point(demo_raw, tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = subprocess_env(uri)
     out = tmp_path / "cohort"
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "cohort", "--env-manager", "local",
@@ -67,8 +68,7 @@ def test_mlflow_run_main_trains_a_fold(feature_cohort, tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = subprocess_env(uri)
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(ROOT), "-P", "fold=1", "--env-manager", "local",
          "-P", f"cohort={feature_cohort}", "-P", "epochs=4", "-P", "top_genes=100", "-P", "bag_size=8",

@@ -17,15 +17,6 @@ from mmbrca.train import setup_data, train_fold
 FAST = ["epochs=25", "lr=1e-3", "batch_size=8", "bag_size=8", "top_genes=200", "patience=25"]
 
 
-@pytest.fixture()
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(None)
-
-
 def test_splits_are_disjoint_and_test_is_the_fold(feature_cohort):
     cohort = load_cohort(feature_cohort)
     config = load_config(None, ["fold=2", "model.modality=cross_attention"])

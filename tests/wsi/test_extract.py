@@ -16,6 +16,7 @@ from torchvision.models import resnet50
 from mmbrca.errors import UserError
 from mmbrca.wsi.extract import ExtractOptions, extract_slides
 from mmbrca.wsi.features import read_features, read_key, write_features
+from tests.conftest import subprocess_env
 from tests.wsi import slides
 
 FAST = dict(weights="none", tiles_per_slide=3, tile_size=64, mpp=1.0, batch_size=2, workers=1)
@@ -92,7 +93,7 @@ def test_killed_run_resumes_without_partial_files(demo_cohort, tmp_path):
 
     cohort = tmp_path / "cohort"
     shutil.copytree(demo_cohort.path, cohort)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env = subprocess_env(f"sqlite:///{tmp_path / 'mlflow.db'}")
     command = [sys.executable, "-m", "mmbrca", "extract", str(cohort), "--weights", "none", "--tiles-per-slide", "4",
                "--tile-size", "96", "--workers", "1"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

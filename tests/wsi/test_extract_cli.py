@@ -5,7 +5,6 @@ import shutil
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from mlflow.tracking import MlflowClient
 
 from mmbrca.cli import cli
 from mmbrca.data.cohort import CohortOptions, build_cohort
@@ -25,9 +24,7 @@ def own_cohort(demo_raw, tmp_path):
     return tmp_path / "cohort"
 
 
-def test_extract_cli_tracks_a_run_and_fails_on_a_bad_slide(own_cohort, tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+def test_extract_cli_tracks_a_run_and_fails_on_a_bad_slide(own_cohort, tracking):
     table = pd.read_parquet(own_cohort / "cohort.parquet")
     slides = sorted(p for paths in table["slide_paths"] for p in paths)
     damaged = slides[0]
@@ -44,7 +41,7 @@ def test_extract_cli_tracks_a_run_and_fails_on_a_bad_slide(own_cohort, tmp_path,
     for name in list(manifest["slides"].values())[:3]:
         assert read_features(own_cohort / "features" / name).features.shape == (2, 2048)
 
-    client = MlflowClient(uri)
+    client = tracking
     experiment = client.get_experiment_by_name("feat")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "extract/cohort"
@@ -58,8 +55,7 @@ def test_extract_cli_tracks_a_run_and_fails_on_a_bad_slide(own_cohort, tmp_path,
     assert f"0 done, {len(slides) - 1} cached, 1 failed" in again.stdout
 
 
-def test_cohort_without_slides_is_a_user_error(demo_raw, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_cohort_without_slides_is_a_user_error(demo_raw, tmp_path, tracking):
     build_cohort(tmp_path / "genes", expression_path=demo_raw / "expression.tsv", labels_path=demo_raw / "labels.csv",
                  slides_dir=None, options=CohortOptions(label_map=LabelMap.default()))
     result = CliRunner().invoke(cli, ["extract", str(tmp_path / "genes"), *ARGS])
