@@ -1,6 +1,5 @@
 """The MLflow project: every declared parameter is used, and `mlflow run` builds a cohort."""
 
-import os
 import re
 import subprocess
 import sys
