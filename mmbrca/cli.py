@@ -168,6 +168,56 @@ def train(cohort_dir: Path, fold: int, modality: str | None, config_path: Path |
     click.echo("  ".join(f"{k}={v:.3f}" for k, v in test.items()))
 
 
+@cli.command("sweep")
+@click.argument("sweep_yaml", metavar="SWEEP_YAML", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--cohort", default=None, help="Cohort directory [default: the YAML's cohort].")
+@click.option("--n-trials", type=float, default=None,
+              help="Finished trials the study should hold [default: the YAML's; 0 also means the YAML's].")
+@click.option("--workers", type=float, default=1, show_default=True, help="Worker processes on this host.")
+@click.option("--storage", default=None, help="Optuna storage: postgresql://..., or a journal file path.")
+@click.option("--study-name", default=None, help="Study name [default: the YAML's].")
+@click.option("--experiment", default="mmbrca", show_default=True, help="MLflow experiment.")
+@click.option("--no-register", is_flag=True, help="Do not register the best trial's model.")
+def sweep(sweep_yaml: Path, cohort: str | None, n_trials: int | None, workers: int, storage: str | None,
+          study_name: str | None, experiment: str, no_register: bool) -> None:
+    """Run (or resume) an Optuna sweep over the folds; several hosts may share one storage."""
+    from mmbrca.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(sweep_yaml)
+    study = run_sweep(spec, cohort=cohort or None, n_trials=int(n_trials) if n_trials else None, workers=int(workers),
+                      storage=storage or None, study_name=study_name or None, experiment=experiment,
+                      register=not no_register)
+    states = [t.state.name for t in study.trials]
+    click.echo(f"study {study.study_name}: " + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states))))
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if complete:
+        click.echo(f"best trial {study.best_trial.number}: {spec.metric} = {study.best_value:.4f} "
+                   f"{study.best_trial.params}")
+
+
+@cli.command("register")
+@click.option("--study", "study_name", required=True, help="Study name.")
+@click.option("--storage", required=True, help="The study's Optuna storage.")
+@click.option("--model-name", required=True, help="Registered model name.")
+@click.option("--alias", default="champion", show_default=True, help="Alias moved if the new version is better.")
+def register(study_name: str, storage: str, model_name: str, alias: str) -> None:
+    """Register the best trial of a study (fold ensemble) in the MLflow model registry."""
+    import optuna
+
+    from mmbrca.registry import register_best_trial
+    from mmbrca.sweep import resolve_storage
+
+    storage_obj, _ = resolve_storage(storage, study_name)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage_obj)
+    except KeyError:
+        raise UserError(f"--study {study_name}: no such study in {storage}") from None
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
+        raise UserError(f"--study {study_name}: no complete trial to register")
+    version = register_best_trial(study, model_name, alias)
+    click.echo(f"registered {model_name} version {version.version} (aliases: {', '.join(version.aliases) or 'none'})")
+
+
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("mmbrca-demo"),
               show_default=True, help="Directory for the demo's raw data (raw/) and cohort (cohort/).")

@@ -129,3 +129,86 @@ def log_fold_model(*, model: torch.nn.Module, config: Config, preprocessor: Gene
     return mlflow.pyfunc.log_model(name=name, python_model=FoldModel(), artifacts=artifacts,
                                    code_paths=[str(PACKAGE_DIR)], pip_requirements=pip_requirements(),
                                    input_example=input_example, signature=signature)
+
+
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """The fold models of one trial; predicts the mean class probability over folds."""
+
+    def load_context(self, context) -> None:
+        keys = sorted(k for k in context.artifacts if k.startswith("fold"))
+        self.models = [mlflow.pyfunc.load_model(context.artifacts[k]) for k in keys]
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        outputs = [m.predict(model_input[_input_names(m, model_input)]) for m in self.models]
+        prob_columns = [c for c in outputs[0].columns if c.startswith("prob_")]
+        mean = np.mean([o[prob_columns].to_numpy() for o in outputs], axis=0)  # (N, C)
+        classes = [c.removeprefix("prob_") for c in prob_columns]
+        return prediction_frame(outputs[0]["patient_id"].tolist(), mean, classes)
+
+
+def _input_names(model, frame: pd.DataFrame) -> list[str]:
+    """The columns a member model declares (each fold kept its own genes); all if it declares none."""
+    schema = model.metadata.get_input_schema()
+    return [c for c in schema.input_names() if c in frame.columns] if schema is not None else list(frame.columns)
+
+
+def _ensemble_example(fold_model_uris: list[str]) -> pd.DataFrame:
+    """Input rows with the union of the fold models' genes (each fold selected its own)."""
+    from mmbrca.data.cohort import load_cohort
+
+    examples = [mlflow.pyfunc.load_model(uri).input_example for uri in fold_model_uris]
+    base = examples[0][["patient_id", "feature_paths"]]
+    genes = sorted({c for e in examples for c in e.columns} - {"patient_id", "feature_paths"})
+    if not genes:
+        return base
+    cohort_path = Path(mlflow.get_run(fold_model_uris[0].split("/")[1]).data.tags["cohort_path"])
+    raw = load_cohort(cohort_path).expression(genes=genes).loc[base["patient_id"]]
+    return pd.concat([base.reset_index(drop=True), raw.reset_index(drop=True).astype("float64")], axis=1)
+
+
+def _better(new: float, old: float, direction: str) -> bool:
+    return new > old if direction == "maximize" else new < old
+
+
+def register_best_trial(study, model_name: str, alias: str = "champion", *, cohort_fingerprint: str = ""):
+    """Register the best trial's fold ensemble; move `alias` only if it beats the current holder.
+
+    Returns the new ModelVersion. Tags: study, trial, objective, CV mean±std of test metrics,
+    cohort fingerprint.
+    """
+    client = mlflow.MlflowClient()
+    best = study.best_trial
+    trial_run = best.user_attrs["mlflow_run_id"]
+    fold_uris = [f"runs:/{run_id}/model" for run_id in best.user_attrs["fold_run_ids"]]
+    example = _ensemble_example(fold_uris)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        members = {f"fold{i}": mlflow.artifacts.download_artifacts(uri, dst_path=f"{tmp}/fold{i}")
+                   for i, uri in enumerate(fold_uris)}
+        ensemble = EnsembleModel()
+        ensemble.models = [mlflow.pyfunc.load_model(path) for path in members.values()]
+        output = ensemble.predict(None, example)
+        with mlflow.start_run(run_id=trial_run):
+            info = mlflow.pyfunc.log_model(
+                name="ensemble", python_model=EnsembleModel(), artifacts=members, code_paths=[str(PACKAGE_DIR)],
+                pip_requirements=pip_requirements(), input_example=example,
+                signature=mlflow.models.infer_signature(example, output))
+    version = mlflow.register_model(info.model_uri, model_name)
+    direction = study.direction.name.lower()
+    tags = {"study": study.study_name, "trial_number": str(best.number), "objective": repr(best.value),
+            "direction": direction, "cohort_fingerprint": cohort_fingerprint, "trial_run_id": trial_run}
+    for metric, (mean, std) in best.user_attrs.get("cv_test", {}).items():
+        tags[f"cv_{metric}"] = f"{mean:.4f} ± {std:.4f}"
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version.version, key, value)
+    try:
+        current = client.get_model_version_by_alias(model_name, alias)
+        current_value = float(current.tags.get("objective", "nan"))
+        move = current.version == version.version or np.isnan(current_value) or _better(best.value, current_value,
+                                                                                            direction)
+    except mlflow.exceptions.MlflowException:
+        move = True  # nobody holds the alias yet
+    if move:
+        client.set_registered_model_alias(model_name, alias, version.version)
+    return client.get_model_version(model_name, version.version)
