@@ -306,7 +306,11 @@ def _run_trial(trial: optuna.Trial, spec: SweepSpec, cohort: str, folds: list[in
     from mmbrca import tracking
     from mmbrca.train import train_fold
 
+    import os
+    import socket
+
     params = {p.name: p.suggest(trial) for p in spec.space}
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     client = mlflow.MlflowClient()
     with tracking.start_run("", f"trial-{trial.number:03d}", parent_run_id=parent_run_id,
                             tags={"mmbrca.step": "trial", "trial_number": str(trial.number),
