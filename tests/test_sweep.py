@@ -91,8 +91,15 @@ def test_alias_moves_only_to_a_better_version(feature_cohort, tmp_path, tracking
     assert worse.version != champion.version
     assert tracking.get_model_version_by_alias("a-model", "champion").version == champion.version
     tracking.set_model_version_tag("a-model", champion.version, "objective", "-1.0")  # now it scored lower
-    better = register_best_trial(study, "a-model", "champion")
-    assert tracking.get_model_version_by_alias("a-model", "champion").version == better.version
+    result = CliRunner().invoke(cli, ["register", "--study", "a", "--storage", "mmbrca-sweeps/a.journal",
+                                      "--model-name", "a-model"])
+    assert result.exit_code == 0, result.output
+    newest = max(int(v.version) for v in tracking.search_model_versions("name = 'a-model'"))
+    assert f"version {newest}" in result.stdout
+    assert tracking.get_model_version_by_alias("a-model", "champion").version == str(newest)
+    missing = CliRunner().invoke(cli, ["register", "--study", "nope", "--storage", "mmbrca-sweeps/a.journal",
+                                       "--model-name", "a-model"])
+    assert missing.exit_code == 2 and "no such study" in missing.stderr
 
 
 @pytest.mark.parametrize(("edit", "message"), [
