@@ -96,7 +96,7 @@ def test_alias_moves_only_to_a_better_version(feature_cohort, tmp_path, tracking
     assert result.exit_code == 0, result.output
     newest = max(int(v.version) for v in tracking.search_model_versions("name = 'a-model'"))
     assert f"version {newest}" in result.stdout
-    assert tracking.get_model_version_by_alias("a-model", "champion").version == str(newest)
+    assert int(tracking.get_model_version_by_alias("a-model", "champion").version) == newest
     missing = CliRunner().invoke(cli, ["register", "--study", "nope", "--storage", "mmbrca-sweeps/a.journal",
                                        "--model-name", "a-model"])
     assert missing.exit_code == 2 and "no such study" in missing.stderr
