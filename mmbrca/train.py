@@ -118,7 +118,10 @@ def _split_patients(eligible: pd.DataFrame, folds: pd.Series, config: Config) ->
         raise UserError(f"fold {fold}: cannot make a stratified validation split of {len(rest)} training patients "
                         f"({exc})") from None
     splits = {"train": train, "val": val, "test": test}
-    for name, part in splits.items():
+    if test.empty:
+        raise UserError(f"fold {fold}: no patient of the test fold has the inputs of modality {config.model.modality!r}")
+    for name in ("train", "val"):  # a one-class test fold is allowed: its AUCs are NaN, the rest is reported
+        part = splits[name]
         if part["class_index"].nunique() < 2:
             raise UserError(f"fold {fold}: the {name} split has {len(part)} patients of a single class; "
                             "the modality leaves too few patients")

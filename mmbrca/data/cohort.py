@@ -153,9 +153,11 @@ def build_cohort(out: str | os.PathLike, *, expression_path: str | os.PathLike |
 
     table, patient_drops = _patient_table(labels, expression, slides, label_map)
     table["site"] = _sites(table, options.site_column)
-    labels_by_patient = table.set_index("patient_id")["class_name"]
-    folds = make_folds(labels_by_patient, table.set_index("patient_id")["site"], options.n_folds, options.split,
-                       options.seed)
+    by_patient = table.set_index("patient_id")
+    modalities = by_patient["has_expression"].map({True: "expr", False: "-"}) + by_patient["has_slide"].map(
+        {True: "+slide", False: ""})
+    folds = make_folds(by_patient["class_name"], by_patient["site"], options.n_folds, options.split, options.seed,
+                       strata=modalities)
     kept_expression = None
     if expression is not None:
         kept_expression = expression.values.loc[table.loc[table["has_expression"], "patient_id"]]

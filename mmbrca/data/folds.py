@@ -13,7 +13,6 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from scipy.optimize import Bounds, LinearConstraint, milp
-from sklearn.model_selection import StratifiedKFold
 
 from mmbrca.errors import UserError
 
@@ -37,15 +36,28 @@ def _check_counts(labels: pd.Series, n_folds: int) -> None:
                         "some fold would lack that class")
 
 
-def stratified_folds(labels: pd.Series, n_folds: int, seed: int) -> pd.Series:
-    """Fold (0..K-1) per patient; `labels` is indexed by patient id. Deterministic for a seed."""
+def stratified_folds(labels: pd.Series, n_folds: int, seed: int, strata: pd.Series | None = None) -> pd.Series:
+    """Fold (0..K-1) per patient; `labels` is indexed by patient id. Deterministic for a seed.
+
+    Within each class, patients are shuffled (seeded), ordered by `strata` (e.g. which
+    modalities they have) and dealt to the folds in turn, continuing from class to class. Every
+    fold then holds each class to within one patient, and each stratum is spread over the folds
+    too. (scikit-learn's StratifiedKFold stratifies by one key only; stratifying by class ×
+    stratum there loses the exact class balance.)
+    """
     _check_counts(labels, n_folds)
     labels = labels.sort_index()
-    folds = np.empty(len(labels), dtype=int)
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels.to_numpy())):
-        folds[test] = fold
-    return pd.Series(folds, index=labels.index, name="fold")
+    strata = (strata.reindex(labels.index) if strata is not None else pd.Series("", index=labels.index)).astype(str)
+    rng = np.random.default_rng(seed)
+    folds = pd.Series(-1, index=labels.index, name="fold")
+    offset = 0
+    for cls in sorted(labels.unique()):
+        members = labels.index[labels == cls][rng.permutation(int((labels == cls).sum()))]
+        ordered = sorted(members, key=lambda patient: strata[patient])  # stable: shuffled within a stratum
+        for position, patient in enumerate(ordered):
+            folds[patient] = (offset + position) % n_folds
+        offset = (offset + len(ordered)) % n_folds
+    return folds
 
 
 def _solve_site_assignment(counts: np.ndarray, n_folds: int, time_limit: float) -> np.ndarray:
@@ -108,9 +120,10 @@ def site_preserved_folds(labels: pd.Series, sites: pd.Series, n_folds: int, seed
     return pd.Series([fold_of_site[s] for s in sites], index=labels.index, name="fold").sort_index()
 
 
-def make_folds(labels: pd.Series, sites: pd.Series, n_folds: int, split: Split, seed: int) -> pd.Series:
+def make_folds(labels: pd.Series, sites: pd.Series, n_folds: int, split: Split, seed: int,
+               strata: pd.Series | None = None) -> pd.Series:
     if split == "stratified":
-        folds = stratified_folds(labels, n_folds, seed)
+        folds = stratified_folds(labels, n_folds, seed, strata)
     elif split == "site-preserved":
         folds = site_preserved_folds(labels, sites, n_folds, seed)
     else:

@@ -92,3 +92,15 @@ def test_small_class_and_small_cohort_errors():
         stratified_folds(labels.iloc[-4:-1], 5, seed=0)
     with pytest.raises(UserError, match="only one class left"):
         stratified_folds(labels.iloc[:10], 5, seed=0)
+
+
+def test_strata_are_spread_while_classes_stay_balanced():
+    labels, _ = cohort(n_sites=10, seed=4)
+    strata = pd.Series(np.where(np.arange(len(labels)) % 4 == 0, "no-slide", "both"), index=labels.index)
+    folds = stratified_folds(labels, 5, seed=0, strata=strata)
+    by_class = pd.crosstab(folds, labels.reindex(folds.index))
+    assert (by_class.max() - by_class.min()).max() <= 1
+    for cls in labels.unique():
+        in_class = labels.index[labels == cls]
+        per_fold = pd.crosstab(folds[in_class], strata[in_class])
+        assert (per_fold.max() - per_fold.min()).max() <= 1  # each stratum of each class spread evenly
