@@ -13,6 +13,7 @@ workers: trials per minute of one study with 1, 2 and 4 worker processes on a jo
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,12 +31,13 @@ PRUNERS = {
 }
 
 
-def spec_file(root: Path, name: str, cohort: Path, *, pruner: dict, trials: int, epochs: int, folds) -> Path:
+def spec_file(root: Path, name: str, cohort: Path, *, pruner: dict, trials: int, epochs: int, folds,
+              modality: str = "cross_attention") -> Path:
     data = {
         "study_name": name, "cohort": str(cohort), "n_trials": trials, "folds": folds,
         "objective": {"metric": "val_pr_auc", "direction": "maximize"},
         "sampler": {"name": "TPESampler", "args": {"seed": 0, "n_startup_trials": 4}}, "pruner": pruner,
-        "fixed": {"model.modality": "cross_attention", "train.epochs": epochs, "train.patience": epochs},
+        "fixed": {"model.modality": modality, "train.epochs": epochs, "train.patience": epochs},
         "search_space": {"train.lr": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
                          "model.dropout": {"type": "float", "low": 0.0, "high": 0.6},
                          "model.fusion_dim": {"type": "categorical", "choices": [32, 64, 128]}},
@@ -53,20 +55,22 @@ def bench_pruning(cohort: Path, root: Path, trials: int, epochs: int) -> None:
     results = {}
     for label, pruner in PRUNERS.items():
         spec = load_sweep(spec_file(root, f"prune-{label}", cohort, pruner=pruner, trials=trials, epochs=epochs,
-                                    folds="all"))
+                                    folds="all", modality="image"))
         started = time.perf_counter()
         study = run_sweep(spec, storage=str(root / f"{label}.journal"), register=False)
         results[label] = (folds_trained(study), study.best_value, time.perf_counter() - started,
                           sum(t.state.name == "PRUNED" for t in study.trials))
     base_folds = results["NopPruner"][0]
-    print(f"pruning: {trials} trials x 5 folds, cross_attention, {epochs} epochs, TPE seed 0")
+    print(f"pruning: {trials} trials x 5 folds, image modality (the demo task that hyperparameters can spoil), "
+          f"{epochs} epochs, TPE seed 0")
     for label, (folds, best, seconds, pruned) in results.items():
         print(f"  {label:<15} fold trainings {folds:3d}  saved {1 - folds / base_folds:6.1%}  pruned trials "
               f"{pruned:2d}  best val_pr_auc {best:.4f}  {seconds:6.1f} s")
 
 
 def bench_workers(cohort: Path, root: Path, trials: int) -> None:
-    print(f"workers: {trials} trials x 2 folds, cross_attention, 3 epochs, journal file storage")
+    print(f"workers: {trials} trials x 2 folds, cross_attention, 3 epochs, journal file storage, "
+          f"{os.cpu_count()} cores")
     rates = {}
     for workers in (1, 2, 4):
         spec = load_sweep(spec_file(root, f"workers-{workers}", cohort, pruner={"name": "NopPruner"}, trials=trials,
