@@ -384,15 +384,15 @@ def worker(spec: SweepSpec, storage_url: str, cohort: str, folds: list[int], tar
             try:
                 value = run_trial(trial, spec, cohort, folds, parent_run_id)
             except optuna.TrialPruned:
-                study.tell(trial, state=TrialState.PRUNED)
+                study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)  # failed by a peer?
             except Exception:
-                study.tell(trial, state=TrialState.FAIL)
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 run_id = trial.user_attrs.get("mlflow_run_id")
                 if run_id:
                     mlflow.MlflowClient().set_tag(run_id, "state", "FAIL")
                 raise
             else:
-                study.tell(trial, value)
+                study.tell(trial, value, skip_if_finished=True)
         done += 1
     return done
 

@@ -139,7 +139,7 @@ def _postgres_available() -> bool:
 @pytest.mark.skipif(os.environ.get("CI") != "true" and not _postgres_available(), reason="no PostgreSQL here")
 def test_two_workers_on_postgres_finish_exactly_n_trials(feature_cohort, tmp_path):
     study_name = f"pg-{uuid.uuid4().hex[:8]}"
-    path = sweep_file(tmp_path, feature_cohort, name=study_name, n_trials=5)
+    path = sweep_file(tmp_path, feature_cohort, name=study_name, n_trials=5, grace_period=60)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.run([sys.executable, "-m", "mmbrca", "sweep", str(path), "--workers", "2", "--storage", POSTGRES,
                            "--no-register"], capture_output=True, text=True, env=subprocess_env(uri), cwd=tmp_path,
