@@ -11,11 +11,11 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from mmbrca.errors import UserError
+from mmbrca.io import read_yaml_mapping
 
 MODALITIES = ("gene", "image", "concat", "cross_attention")
 
@@ -169,15 +169,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     """Defaults ← YAML file ← `key=value` overrides, validated (names and types always)."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise UserError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: a config must be a mapping of sections")
+        _, data = read_yaml_mapping(path, what="config")
         for key, value in data.items():
             if isinstance(value, dict):
                 for sub, sub_value in value.items():

@@ -99,3 +99,23 @@ def read_table(path: str | os.PathLike, *, what: str, **csv_options) -> pd.DataF
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: cannot read {what} file: {first_line}") from exc
+
+
+def read_yaml_mapping(path: str | os.PathLike, *, what: str) -> tuple[str, dict]:
+    """The text and parsed mapping of a YAML file; a missing, invalid or non-mapping file is a UserError."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read {what} file: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a {what} file must be a mapping")
+    return text, data

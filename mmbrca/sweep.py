@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import yaml
 from optuna.trial import TrialState
 
 from mmbrca.config import load_config
 from mmbrca.errors import UserError
+from mmbrca.io import read_yaml_mapping
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 HEARTBEAT_ATTR = "mmbrca_heartbeat"
@@ -116,15 +116,7 @@ def _param(path: Path, name: str, raw) -> ParamSpec:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep file; every error names the key and the problem."""
     path = Path(path)
-    try:
-        text = path.read_text()
-        data = yaml.safe_load(text)
-    except FileNotFoundError:
-        raise UserError(f"{path}: sweep file not found") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a sweep file must be a mapping")
+    text, data = read_yaml_mapping(path, what="sweep")
     unknown = set(data) - TOP_KEYS
     if unknown:
         raise _fail(path, sorted(unknown)[0], f"unknown key (expected {', '.join(sorted(TOP_KEYS))})")

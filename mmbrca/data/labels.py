@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from mmbrca.data.barcodes import parse_barcode
 from mmbrca.errors import UserError
-from mmbrca.io import read_table
+from mmbrca.io import read_table, read_yaml_mapping
 
 # Values that mean "no label" in TCGA-style clinical tables.
 MISSING_LABELS = frozenset({"", "na", "nan", "n/a", "none", "null", "[not available]", "[not applicable]",
@@ -71,14 +70,7 @@ class LabelMap:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> LabelMap:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path}: label map file not found") from None
-        except (OSError, yaml.YAMLError) as exc:
-            raise UserError(f"{path}: cannot read label map: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: label map must be a mapping with keys classes, map, drop")
+        _, data = read_yaml_mapping(path, what="label map")
         unknown = set(data) - {"classes", "map", "drop"}
         if unknown:
             raise UserError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected classes, map, drop")

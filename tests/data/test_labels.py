@@ -41,7 +41,7 @@ def test_yaml_override(tmp_path):
     ("classes: [A, B]\nmap: {x: A}\ncolour: red\n", "unknown key 'colour'"),
     ("classes: [A, B]\n", "'map' must be"),
     ("[1, 2]\n", "must be a mapping"),
-    ("classes: [A, B\n", "cannot read label map"),
+    ("classes: [A, B\n", "invalid YAML"),
 ])
 def test_yaml_errors_name_the_problem(tmp_path, text, message):
     path = tmp_path / "map.yaml"
