@@ -92,3 +92,25 @@ def test_mlflow_run_main_trains_a_fold(feature_cohort, tmp_path):
         assert np.allclose(out[["prob_Luminal", "prob_Basal/Her2"]].sum(axis=1), 1)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_mlflow_run_sweep_entry_point(feature_cohort, tmp_path):
+    """`mlflow run . -e sweep`: the project run becomes the sweep's parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_sweep import sweep_file
+
+    path = sweep_file(tmp_path, feature_cohort, name="proj", n_trials=1, folds=[0])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "sweep", "--env-manager", "local",
+         "-P", f"config={path}", "-P", f"storage={tmp_path / 'proj.journal'}"],
+        capture_output=True, text=True, env=subprocess_env(uri), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs(["0"])
+    (project,) = [r for r in runs if r.data.tags.get("mmbrca.step") == "sweep"]
+    assert project.info.run_name == "sweep/proj" and project.data.tags.get("mlflow.project.entryPoint") == "sweep"
+    (trial,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == project.info.run_id]
+    assert trial.info.run_name == "trial-000" and trial.data.tags["state"] == "COMPLETE"
+    assert client.get_model_version_by_alias("proj-model", "champion")
