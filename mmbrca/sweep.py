@@ -427,8 +427,8 @@ def run_sweep(spec: SweepSpec, *, cohort: str | None = None, n_trials: int | Non
         if PARENT_RUN_ATTR not in study.user_attrs:
             parent = _parent_run(experiment, spec, storage_url)
             client = mlflow.MlflowClient()
-            client.log_batch(parent.info.run_id, params=[
-                mlflow.entities.Param(k, str(v)[:6000]) for k, v in {
+            client.log_batch(parent.info.run_id, params=[  # prefixed: the MLproject's own params share the run
+                mlflow.entities.Param(f"sweep.{k}", str(v)[:6000]) for k, v in {
                     "study_name": spec.study_name, "sampler": spec.sampler[0], "sampler_args": spec.sampler[1],
                     "pruner": spec.pruner[0], "pruner_args": spec.pruner[1], "objective": spec.metric,
                     "direction": spec.direction, "folds": folds, "cohort": str(Path(cohort).resolve()),

@@ -27,10 +27,11 @@ def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None
     its parent explicitly, which keeps the tree right with parallel workers.
     """
     tags = dict(tags or {})
-    if parent_run_id is not None:
-        parent = mlflow.get_run(parent_run_id)
-        return mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name, tags=tags,
-                                parent_run_id=parent_run_id, nested=True)
+    if parent_run_id is not None:  # created explicitly: under `mlflow run`, start_run would resume the project run
+        client = mlflow.MlflowClient()
+        child = client.create_run(client.get_run(parent_run_id).info.experiment_id, run_name=run_name,
+                                  tags={**tags, "mlflow.parentRunId": parent_run_id})
+        return mlflow.start_run(run_id=child.info.run_id, nested=True)
     if os.environ.get(PROJECT_RUN_ENV) and mlflow.active_run() is None:
         run = mlflow.start_run(run_id=os.environ[PROJECT_RUN_ENV])
         mlflow.set_tags({**tags, "mlflow.runName": run_name})

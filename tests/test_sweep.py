@@ -69,7 +69,7 @@ def test_sweep_builds_the_run_tree_and_registers_the_best(feature_cohort, tmp_pa
         assert trial_run.data.params["train.lr"] == str(trial.params["train.lr"])
     artifacts = {a.path for a in tracking.list_artifacts(parent_id)}
     assert {"trials.csv", "optimization_history.png", "parallel_coordinate.png"} <= artifacts
-    assert tracking.get_run(parent_id).data.params["pruner"] == "NopPruner"
+    assert tracking.get_run(parent_id).data.params["sweep.pruner"] == "NopPruner"
 
     version = tracking.get_model_version_by_alias("s-model", "champion")
     assert version.tags["trial_number"] == str(study.best_trial.number)
