@@ -18,7 +18,7 @@ import math
 import multiprocessing
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,6 @@ class SweepSpec:
     alias: str
     heartbeat_interval: float = 30.0
     grace_period: float = 120.0
-    extra: dict = field(default_factory=dict)
 
 
 def _fail(path: Path, key: str, problem: str) -> UserError:

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from mlflow.tracking import MlflowClient
 
 from mmbrca.cli import cli
 from mmbrca.config import load_config
