@@ -161,7 +161,7 @@ def train(cohort_dir: Path, fold: int, modality: str | None, config_path: Path |
     extra += [f"experiment={experiment}"] if experiment else []
     config = load_config(config_path, list(overrides) + extra)
     if demo_if_missing and not (cohort_dir / "cohort.json").exists():
-        _build_demo(cohort_dir.parent, cohort_name=cohort_dir.name)
+        _build_demo(cohort_dir.parent, cohort_name=cohort_dir.name, use_project_run=False)  # the run is training's
     result = train_fold(cohort_dir, config)
     test = {k: v for k, v in result.metrics.items() if k.startswith("test_") and not k.startswith("test_site")}
     click.echo(f"run {result.run_id}: best epoch {result.best_epoch} of {result.epochs_run}")
@@ -232,7 +232,7 @@ def demo(out: Path, patients: int, seed: int, weights: str, tiles_per_slide: int
 
 
 def _build_demo(out: Path, *, cohort_name: str = "cohort", patients: int = 60, seed: int = 0, weights: str = "none",
-                tiles_per_slide: int = 16) -> Path:
+                tiles_per_slide: int = 16, use_project_run: bool = True) -> Path:
     """Demo raw data in OUT/raw, the cohort in OUT/<cohort_name>, and its tile features."""
     from mmbrca.data.cohort import CohortOptions, build_cohort
     from mmbrca.data.demo import DemoConfig, write_demo
@@ -246,7 +246,7 @@ def _build_demo(out: Path, *, cohort_name: str = "cohort", patients: int = 60, s
                           slides_dir=raw / "slides", options=CohortOptions(label_map=LabelMap.default(), seed=seed))
     click.echo("\n".join(summary_lines(result)))
     extracted = extract_cohort(out / cohort_name, ExtractOptions(weights=weights, tiles_per_slide=tiles_per_slide,
-                                                                 seed=seed))
+                                                                 seed=seed), use_project_run=use_project_run)
     click.echo(_extract_summary(extracted))
     return out / cohort_name
 

@@ -19,25 +19,29 @@ PROJECT_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the command it star
 
 
 def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None, *,
-              parent_run_id: str | None = None) -> mlflow.ActiveRun:
+              parent_run_id: str | None = None, use_project_run: bool = True) -> mlflow.ActiveRun:
     """Start a tracked run, or continue the one `mlflow run` created for this command.
 
     Under `mlflow run` the project's run (and so its experiment, chosen with
-    `mlflow run --experiment-name`) is reused; the run gets our name and tags. A child run names
-    its parent explicitly, which keeps the tree right with parallel workers.
+    `mlflow run --experiment-name`) is reused for the command's main step; the run gets our name
+    and tags. Other runs are created explicitly (`mlflow.start_run` alone would resume the
+    project run): a child names its parent, which keeps the tree right with parallel workers.
     """
     tags = dict(tags or {})
-    if parent_run_id is not None:  # created explicitly: under `mlflow run`, start_run would resume the project run
-        client = mlflow.MlflowClient()
-        child = client.create_run(client.get_run(parent_run_id).info.experiment_id, run_name=run_name,
-                                  tags={**tags, "mlflow.parentRunId": parent_run_id})
-        return mlflow.start_run(run_id=child.info.run_id, nested=True)
-    if os.environ.get(PROJECT_RUN_ENV) and mlflow.active_run() is None:
-        run = mlflow.start_run(run_id=os.environ[PROJECT_RUN_ENV])
+    client = mlflow.MlflowClient()
+    project_run = os.environ.get(PROJECT_RUN_ENV)
+    if parent_run_id is not None:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        tags["mlflow.parentRunId"] = parent_run_id
+    elif use_project_run and project_run and mlflow.active_run() is None:
+        run = mlflow.start_run(run_id=project_run)
         mlflow.set_tags({**tags, "mlflow.runName": run_name})
         return run
-    mlflow.set_experiment(experiment)
-    return mlflow.start_run(run_name=run_name, tags=tags)
+    else:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    created = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    return mlflow.start_run(run_id=created.info.run_id, nested=mlflow.active_run() is not None)
 
 
 def log_config(config: Config, extra: dict | None = None) -> None:

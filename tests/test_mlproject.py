@@ -77,6 +77,7 @@ def test_mlflow_run_main_trains_a_fold(feature_cohort, tmp_path):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "cross_attention/fold-1"
+    assert run.data.tags["mlflow.project.entryPoint"] == "main"  # the project run is the training run
     assert run.data.params["train.epochs"] == "4" and run.data.params["fold"] == "1"
     for name in ("accuracy", "pr_auc", "f1", "roc_auc", "mcc", "balanced_accuracy"):
         assert f"test_{name}" in run.data.metrics

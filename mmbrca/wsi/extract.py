@@ -271,7 +271,7 @@ def _write_manifest(path: Path, params: dict, files: dict[str, str]) -> None:
 
 
 def extract_cohort(cohort_dir: str | os.PathLike, options: ExtractOptions, *, experiment: str = "mmbrca",
-                   progress: bool = True) -> ExtractResult:
+                   progress: bool = True, use_project_run: bool = True) -> ExtractResult:
     """Extract features for every slide of a cohort into COHORT/features, tracked as an MLflow run."""
     import mlflow
 
@@ -285,7 +285,7 @@ def extract_cohort(cohort_dir: str | os.PathLike, options: ExtractOptions, *, ex
     out_dir = cohort.path / FEATURES_DIR
     with start_run(experiment, f"extract/{cohort.path.resolve().name}",
                    tags={"mmbrca.step": "extract", "cohort_fingerprint": cohort.fingerprint,
-                         "cohort_path": str(cohort.path.resolve())}):
+                         "cohort_path": str(cohort.path.resolve())}, use_project_run=use_project_run):
         mlflow.log_params({**{k: v for k, v in asdict(options).items()}, "device": str(options.torch_device()),
                            "torch_threads": torch.get_num_threads()})
         result = extract_slides(slides, out_dir, options, progress=progress)
