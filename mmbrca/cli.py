@@ -161,7 +161,14 @@ def train(cohort_dir: Path, fold: int, modality: str | None, config_path: Path |
     extra += [f"experiment={experiment}"] if experiment else []
     config = load_config(config_path, list(overrides) + extra)
     if demo_if_missing and not (cohort_dir / "cohort.json").exists():
+        import os
+
+        from mmbrca.tracking import PROJECT_RUN_ENV
+
+        project_run = os.environ.get(PROJECT_RUN_ENV)  # MLflow clears it when the demo's extract run ends
         _build_demo(cohort_dir.parent, cohort_name=cohort_dir.name, use_project_run=False)  # the run is training's
+        if project_run:
+            os.environ[PROJECT_RUN_ENV] = project_run
     result = train_fold(cohort_dir, config)
     test = {k: v for k, v in result.metrics.items() if k.startswith("test_") and not k.startswith("test_site")}
     click.echo(f"run {result.run_id}: best epoch {result.best_epoch} of {result.epochs_run}")
