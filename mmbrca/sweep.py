@@ -349,16 +349,15 @@ def _finished(study: optuna.Study) -> int:
 def worker(spec: SweepSpec, storage_url: str, cohort: str, folds: list[int], target: int | None,
            deadline: float | None, tracking_uri: str | None = None, n_workers: int = 1) -> int:
     """Run trials until the study holds `target` finished trials (or the deadline passes)."""
-    import os
-
     import mlflow
     import torch
+
+    from mmbrca.system import available_cores
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     if n_workers > 1:  # share the cores: N processes × all cores each would oversubscribe them
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // n_workers))
+        torch.set_num_threads(max(1, available_cores() // n_workers))
     storage, _ = resolve_storage(storage_url, spec.study_name)
     study = optuna.load_study(study_name=spec.study_name, storage=storage,
                               sampler=_make(optuna.samplers, spec.sampler), pruner=_make(optuna.pruners, spec.pruner))

@@ -32,6 +32,7 @@ from mmbrca.errors import UserError
 from mmbrca.metrics import classification_metrics
 from mmbrca.models import Classifier, build_model
 from mmbrca.registry import predict_records
+from mmbrca.system import resolve_device
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -77,15 +78,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device: unknown device {name!r}") from None
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -200,7 +192,7 @@ def train_fold(cohort_dir: str | Path, config: Config, *, progress: bool = True,
     run_name = run_name or f"{config.model.modality}/fold-{cfg.fold}"
     timer = Timer()
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, option="train.device")
     with timer("data"):
         data = setup_data(cohort, config, uses_genes, uses_tiles)
     with tracking.start_run(config.experiment, run_name, tags=_tags(cohort, config), parent_run_id=parent_run_id) as run:

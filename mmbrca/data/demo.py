@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mmbrca.errors import UserError
 from mmbrca.io import publish_dir, staging_dir
+from mmbrca.system import available_cores
 from mmbrca.wsi.synthetic import Stain, TissueStyle, render_he, write_aperio_svs
 
 # Real TCGA-BRCA tissue source site codes.
@@ -195,7 +196,7 @@ def _render_slide(args: tuple) -> None:
 
 
 def _default_workers() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(4, available_cores()))
 
 
 def write_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), *, workers: int | None = None,

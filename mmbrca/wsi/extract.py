@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from mmbrca.errors import UserError
 from mmbrca.io import atomic_path
+from mmbrca.system import available_cores, resolve_device
 from mmbrca.wsi.features import (TileEncoder, build_encoder, cache_key, feature_file_names, read_key,
                                  slide_identity, weights_identity, write_features)
 from mmbrca.wsi.reader import SlideError, SlideReader
@@ -33,7 +34,7 @@ FEATURES_DIR = "features"
 
 
 def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     return max(1, min(8, cores - 1)) if torch.cuda.is_available() else max(1, min(4, cores // 2))
 
 
@@ -70,12 +71,7 @@ class ExtractOptions:
                 "assume_mpp": self.assume_mpp, "seed": self.seed, "tissue_masker": masker}
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            return torch.device(self.device)
-        except RuntimeError:
-            raise UserError(f"--device: unknown device {self.device!r}") from None
+        return resolve_device(self.device, option="--device")
 
 
 @dataclass
