@@ -52,7 +52,7 @@ def log_config(config: Config, extra: dict | None = None) -> None:
 
 def log_cohort_input(cohort: Cohort, data: FoldData) -> None:
     """The cohort as an MLflow dataset input, with this run's split of each patient."""
-    split_of = {r.patient_id: name for name, records in data.records.items() for r in records}
+    split_of = data.split_of()
     table = cohort.table.drop(columns=["slide_paths"]).assign(
         fold=lambda t: t["patient_id"].map(cohort.folds), split=lambda t: t["patient_id"].map(split_of).fillna("unused"))
     dataset = mlflow.data.from_pandas(table, source=str(cohort.path.resolve()), name=cohort.path.resolve().name,
@@ -75,7 +75,7 @@ def log_fold_artifacts(workdir: Path, config: Config, cohort: Cohort, data: Fold
 
     classes = data.classes
     predictions.to_csv(workdir / "test_predictions.csv", index=False)
-    split_of = {r.patient_id: name for name, records in data.records.items() for r in records}
+    split_of = data.split_of()
     folds = cohort.folds.rename_axis("patient_id").reset_index()
     folds["split"] = folds["patient_id"].map(split_of).fillna("excluded (missing modality)")
     folds.to_csv(workdir / "folds.csv", index=False)

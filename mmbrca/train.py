@@ -45,6 +45,10 @@ class FoldData:
     excluded: int  # patients lacking a modality the model needs
     classes: list[str]
 
+    def split_of(self) -> dict[str, str]:
+        """patient → train, val or test."""
+        return {r.patient_id: name for name, records in self.records.items() for r in records}
+
 
 @dataclass
 class FoldResult:
