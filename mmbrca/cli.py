@@ -225,6 +225,78 @@ def register(study_name: str, storage: str, model_name: str, alias: str) -> None
     click.echo(f"registered {model_name} version {version.version} (aliases: {', '.join(version.aliases) or 'none'})")
 
 
+@cli.command("predict")
+@click.option("--model", "model_uri", required=True,
+              help="MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/RUN/ensemble, or a path.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output CSV.")
+@click.option("--cohort", "cohort_dir", default=None, callback=_optional_path,
+              help="Predict every patient of a cohort directory (its slides, or matching cached features).")
+@click.option("--expression", default=None, callback=_optional_path,
+              help="Expression matrix (CSV/TSV/Parquet) of the patients, either orientation.")
+@click.option("--slides", "slides_dir", default=None, callback=_optional_path,
+              help="Directory searched recursively for the patients' slides (matched by barcode prefix).")
+@click.option("--fold", type=int, default=None, help="Use only the model of this test fold [default: all, averaged].")
+@click.option("--allow-missing-genes", is_flag=True,
+              help="Impute genes missing from the input with the training mean instead of failing.")
+@click.option("--cached-features/--no-cached-features", default=True, show_default=True,
+              help="With --cohort: use its extracted features when they match the model's settings.")
+@click.option("--chunk-size", default=8, show_default=True, help="Patients per model call.")
+def predict(model_uri: str, out: Path, cohort_dir: Path | None, expression: Path | None, slides_dir: Path | None,
+            fold: int | None, allow_missing_genes: bool, cached_features: bool, chunk_size: int) -> None:
+    """Predict subtypes for new patients with a registered model, from raw slides and expression."""
+    from mmbrca import predict as prediction
+    from mmbrca.io import atomic_path
+
+    if cohort_dir is not None and (expression is not None or slides_dir is not None):
+        raise UserError("--cohort cannot be combined with --expression or --slides")
+    if chunk_size < 1:
+        raise UserError(f"--chunk-size must be at least 1, got {chunk_size}")
+    model = _load_model(model_uri)
+    genes = prediction.model_genes(model)
+    settings = getattr(model.unwrap_python_model(), "settings", None)
+    params = {k: v for k, v in {"fold": fold, "allow_missing_genes": allow_missing_genes or None}.items() if v is not None}
+    if params and model.metadata.get_params_schema() is None:
+        raise UserError(f"--model {model_uri}: this model takes no --fold or --allow-missing-genes (not a registered "
+                        "ensemble)")
+    if settings is not None and fold is not None and fold not in settings.folds:
+        raise UserError(f"--fold {fold}: the model holds folds {settings.folds}")
+    if cohort_dir is not None:
+        frame = prediction.cohort_input(cohort_dir, genes, use_features=cached_features,
+                                        extraction=settings.extraction if settings else None)
+        report = []
+    else:
+        frame, report = prediction.files_input(expression, slides_dir, genes)
+    missing = prediction.missing_gene_columns(frame, genes) if genes else []
+    if missing and not allow_missing_genes:
+        raise UserError(prediction.describe_missing(missing, len(genes)) + " (--allow-missing-genes imputes them "
+                        "with the training mean)")
+    extra = [c for c in ("true_class", "fold") if c in frame]
+    result = prediction.predict_in_chunks(model, frame.drop(columns=extra), params=params, chunk_size=chunk_size)
+    for column in extra:
+        result[column] = frame[column].to_numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        result.to_csv(tmp, index=False)
+    for line in report:
+        click.echo(line, err=True)
+    failed = result[result["status"] == prediction.STATUS_ERROR] if "status" in result else result.iloc[:0]
+    click.echo(f"{len(result) - len(failed)} of {len(result)} patients predicted → {out}")
+    if len(failed):
+        for patient, message in zip(failed["patient_id"], failed["message"]):
+            click.echo(f"  failed: {patient}: {message}", err=True)
+        raise SystemExit(1)
+
+
+def _load_model(uri: str):
+    import mlflow
+
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # MlflowException, OSError ... for an unknown name, version, run or path
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--model {uri}: cannot load ({message})") from None
+
+
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("mmbrca-demo"),
               show_default=True, help="Directory for the demo's raw data (raw/) and cohort (cohort/).")

@@ -1,13 +1,17 @@
-"""MLflow models: the trained fold model with its preprocessing as a pyfunc model.
+"""MLflow models: the fold model (one training run) and the registered ensemble (one sweep trial).
 
-Input: a DataFrame with one row per patient: `patient_id`, `feature_paths` (tile feature files
-separated by ';', empty for gene models) and one column per gene the model uses (raw expression,
-as in the cohort). Output: `patient_id`, `prob_<class>` for every class, `predicted_class`.
+Fold model input: one row per patient: `patient_id`, `feature_paths` (tile feature files separated
+by ';', empty for gene models) and one column per gene it uses (raw expression, as in the cohort).
+Output: `patient_id`, `prob_<class>` for every class, `predicted_class`.
+
+The registered ensemble is self-contained (encoder weights, extraction settings, preprocessing,
+fold models) and takes raw slides and expression; its input and output are in `mmbrca.predict`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -18,6 +22,7 @@ import torch
 from mmbrca.config import Config, load_config
 from mmbrca.data.bags import Batch, PatientBags, PatientRecord, attach_tile_counts, collate
 from mmbrca.data.preprocess import GenePreprocessor, TileNormalizer
+from mmbrca.errors import UserError
 from mmbrca.models import build_model
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -47,13 +52,14 @@ def predict_records(model: torch.nn.Module, records: list[PatientRecord], *, use
 
 
 class FoldModel(mlflow.pyfunc.PythonModel):
-    """One trained fold: network weights, config, gene preprocessing and class names."""
+    """One trained fold: network weights, config, gene preprocessing, class names, extraction settings."""
 
     def load_context(self, context) -> None:
         artifacts = context.artifacts
         self.config: Config = load_config(artifacts["config"])
         meta = json.loads(Path(artifacts["meta"]).read_text())
         self.classes: list[str] = meta["classes"]
+        self.extraction: dict | None = meta.get("extraction")  # cohort features manifest: params, encoder_source
         self.preprocessor = (GenePreprocessor.from_json(Path(artifacts["preprocess"]).read_text())
                              if meta["uses_genes"] else None)
         self.model = build_model(self.config.model, n_genes=meta["n_genes"], n_classes=len(self.classes))
@@ -65,7 +71,13 @@ class FoldModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = model_input.reset_index(drop=True)
-        genes = self.preprocessor.transform(frame) if self.uses_genes else None
+        probabilities = self.probabilities(frame)
+        return prediction_frame(frame["patient_id"].astype(str).tolist(), probabilities, self.classes)
+
+    def probabilities(self, frame: pd.DataFrame, *, impute_missing: bool = False) -> np.ndarray:
+        """(N, C) for rows with `patient_id`, `feature_paths` (';'-separated) and raw gene columns."""
+        frame = frame.reset_index(drop=True)
+        genes = self.preprocessor.transform(frame, impute_missing=impute_missing) if self.uses_genes else None
         paths = frame["feature_paths"].fillna("").astype(str) if "feature_paths" in frame else [""] * len(frame)
         records = []
         for row, patient in enumerate(frame["patient_id"].astype(str)):
@@ -76,7 +88,7 @@ class FoldModel(mlflow.pyfunc.PythonModel):
             attach_tile_counts(records)
         probabilities, _ = predict_records(self.model, records, use_genes=self.uses_genes, use_tiles=self.uses_tiles,
                                            device=torch.device("cpu"), tile_normalizer=self.tile_normalizer)
-        return prediction_frame(frame["patient_id"].astype(str).tolist(), probabilities, self.classes)
+        return probabilities
 
 
 def prediction_frame(patients: list[str], probabilities: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -109,13 +121,13 @@ def pip_requirements() -> list[str]:
 
 def log_fold_model(*, model: torch.nn.Module, config: Config, preprocessor: GenePreprocessor | None,
                    tile_normalizer: TileNormalizer | None, classes: list[str], input_example: pd.DataFrame,
-                   output_example: pd.DataFrame, workdir: Path, name: str = "model"):
+                   output_example: pd.DataFrame, workdir: Path, extraction: dict | None = None, name: str = "model"):
     """Log the fold model as an MLflow pyfunc model (with the mmbrca package as code)."""
     workdir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), workdir / "weights.pt")
     (workdir / "config.yaml").write_text(config.to_yaml())
     meta = {"classes": classes, "uses_genes": model.uses_genes, "uses_tiles": model.uses_tiles,
-            "n_genes": preprocessor.n_genes if preprocessor else 0}
+            "n_genes": preprocessor.n_genes if preprocessor else 0, "extraction": extraction}
     (workdir / "meta.json").write_text(json.dumps(meta))
     artifacts = {"weights": str(workdir / "weights.pt"), "config": str(workdir / "config.yaml"),
                  "meta": str(workdir / "meta.json")}
@@ -132,73 +144,158 @@ def log_fold_model(*, model: torch.nn.Module, config: Config, preprocessor: Gene
 
 
 class EnsembleModel(mlflow.pyfunc.PythonModel):
-    """The fold models of one trial; predicts the mean class probability over folds."""
+    """The registered model: a trial's fold models, the tile encoder and extraction settings.
+
+    Predicts from raw slides and expression (see `mmbrca.predict`), averaging the class
+    probabilities of the fold models, or with one fold's model (`params={"fold": k}`).
+    """
 
     def load_context(self, context) -> None:
-        keys = sorted(k for k in context.artifacts if k.startswith("fold"))
-        self.models = [mlflow.pyfunc.load_model(context.artifacts[k]) for k in keys]
+        from mmbrca.predict import PredictorSettings
+        from mmbrca.wsi.features import load_encoder
+
+        artifacts = context.artifacts
+        self.settings = PredictorSettings.from_json(Path(artifacts["settings"]).read_text())
+        keys = sorted((k for k in artifacts if k.startswith("fold")), key=lambda k: int(k.removeprefix("fold")))
+        self.members = [mlflow.pyfunc.load_model(artifacts[k]).unwrap_python_model() for k in keys]
+        self.encoder = load_encoder(artifacts["encoder"]) if "encoder" in artifacts else None
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        outputs = [m.predict(model_input[_input_names(m, model_input)]) for m in self.models]
-        prob_columns = [c for c in outputs[0].columns if c.startswith("prob_")]
-        mean = np.mean([o[prob_columns].to_numpy() for o in outputs], axis=0)  # (N, C)
-        classes = [c.removeprefix("prob_") for c in prob_columns]
-        return prediction_frame(outputs[0]["patient_id"].tolist(), mean, classes)
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from mmbrca.errors import UserError
+        from mmbrca.predict import predict_raw
+
+        params = params or {}
+        fold = int(params.get("fold", -1))
+        if fold != -1 and fold not in self.settings.folds:
+            raise MlflowException(f"fold {fold}: the model holds folds {self.settings.folds}",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        members = self.members if fold == -1 else [self.members[self.settings.folds.index(fold)]]
+        try:
+            return predict_raw(model_input, self.settings, members, self.encoder,
+                               allow_missing_genes=bool(params.get("allow_missing_genes", False)))
+        except UserError as exc:  # bad input: the server answers 400, Python callers get the message
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 
-def _input_names(model, frame: pd.DataFrame) -> list[str]:
-    """The columns a member model declares (each fold kept its own genes); all if it declares none."""
-    schema = model.metadata.get_input_schema()
-    return [c for c in schema.input_names() if c in frame.columns] if schema is not None else list(frame.columns)
+def ensemble_signature(settings) -> mlflow.models.ModelSignature:
+    """Input: patient_id (required), slide/feature/expression paths and gene columns (optional)."""
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = [ColSpec("string", "patient_id"), ColSpec("string", "slide_path", required=False),
+              ColSpec("string", "feature_paths", required=False), ColSpec("string", "expression_path", required=False)]
+    inputs += [ColSpec("double", gene, required=False) for gene in settings.genes]
+    outputs = ([ColSpec("string", "patient_id")] + [ColSpec("double", f"prob_{c}") for c in settings.classes]
+               + [ColSpec("string", "predicted_class", required=False), ColSpec("string", "status"),
+                  ColSpec("string", "message", required=False)])
+    params = ParamSchema([ParamSpec("fold", "long", -1), ParamSpec("allow_missing_genes", "boolean", False)])
+    return mlflow.models.ModelSignature(Schema(inputs), Schema(outputs), params)
 
 
-def _ensemble_example(fold_model_uris: list[str]) -> pd.DataFrame:
-    """Input rows with the union of the fold models' genes (each fold selected its own)."""
+def _settings(members: list[FoldModel], folds: list[int]):
+    """The ensemble's settings from its fold models, which must agree on classes and extraction."""
+    from mmbrca.predict import PredictorSettings
+
+    first = members[0]
+    for member in members[1:]:
+        if member.classes != first.classes or (member.extraction or {}).get("params") != (
+                first.extraction or {}).get("params"):
+            raise UserError("the fold models disagree on classes or feature extraction settings; retrain them on "
+                            "one cohort with one set of features")
+    genes = sorted({g for m in members if m.preprocessor for g in m.preprocessor.genes})
+    return PredictorSettings(classes=list(first.classes), genes=genes, folds=folds, uses_genes=first.uses_genes,
+                             uses_tiles=first.uses_tiles, extraction=first.extraction)
+
+
+def _example(cohort_path: Path, settings) -> pd.DataFrame:
+    """Two training patients as raw input rows: slide path, cached features and expression."""
+    from mmbrca.data.bags import feature_files_by_patient
     from mmbrca.data.cohort import load_cohort
 
-    examples = [mlflow.pyfunc.load_model(uri).input_example for uri in fold_model_uris]
-    base = examples[0][["patient_id", "feature_paths"]]
-    genes = sorted({c for e in examples for c in e.columns} - {"patient_id", "feature_paths"})
-    if not genes:
-        return base
-    cohort_path = Path(mlflow.get_run(fold_model_uris[0].split("/")[1]).data.tags["cohort_path"])
-    raw = load_cohort(cohort_path).expression(genes=genes).loc[base["patient_id"]]
-    return pd.concat([base.reset_index(drop=True), raw.reset_index(drop=True).astype("float64")], axis=1)
+    cohort = load_cohort(cohort_path)
+    table = cohort.table
+    if settings.uses_tiles:
+        table = table[table["has_slide"]]
+    if settings.uses_genes:
+        table = table[table["has_expression"]]
+    table = table.head(2)
+    frame = pd.DataFrame({"patient_id": table["patient_id"].astype(str).tolist(),
+                          "slide_path": [";".join(p) for p in table["slide_paths"]]})
+    if settings.uses_tiles:
+        files = feature_files_by_patient(cohort.path, dict(zip(frame["patient_id"], map(list, table["slide_paths"]))))
+        frame["feature_paths"] = [";".join(map(str, files.get(p, []))) for p in frame["patient_id"]]
+    if settings.uses_genes:
+        raw = cohort.expression(genes=settings.genes).loc[frame["patient_id"]].reset_index(drop=True)
+        frame = pd.concat([frame, raw.astype("float64")], axis=1)
+    return frame
 
 
 def _better(new: float, old: float, direction: str) -> bool:
     return new > old if direction == "maximize" else new < old
 
 
+def log_ensemble(fold_run_ids: list[str], *, run_id: str, card: Callable[[object, dict], str] | None = None):
+    """Log the fold models of `fold_run_ids` as one self-contained pyfunc model in run `run_id`.
+
+    Returns (ModelInfo, settings, model card text).
+    """
+    import tempfile
+
+    from mmbrca.wsi.features import encoder_for_identity
+
+    client = mlflow.MlflowClient()
+    fold_runs = [client.get_run(r) for r in fold_run_ids]
+    folds = [int(float(r.data.tags["fold"])) for r in fold_runs]
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {f"fold{i}": mlflow.artifacts.download_artifacts(f"runs:/{r}/model", dst_path=f"{tmp}/fold{i}")
+                     for i, r in enumerate(fold_run_ids)}
+        members = [mlflow.pyfunc.load_model(path).unwrap_python_model() for path in artifacts.values()]
+        settings = _settings(members, folds)
+        encoder = None
+        if settings.uses_tiles:
+            encoder = encoder_for_identity(settings.extraction["params"]["encoder"],
+                                           settings.extraction.get("encoder_source"))
+            torch.save(encoder.state_dict(), f"{tmp}/encoder.pt")
+            artifacts["encoder"] = f"{tmp}/encoder.pt"
+        Path(f"{tmp}/settings.json").write_text(settings.to_json())
+        artifacts["settings"] = f"{tmp}/settings.json"
+        text = card(settings, fold_runs[0].data.tags) if card else ""
+        if text:
+            Path(f"{tmp}/model_card.md").write_text(text)
+            artifacts["model_card"] = f"{tmp}/model_card.md"
+        example = _example(Path(fold_runs[0].data.tags["cohort_path"]), settings)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="ensemble", python_model=EnsembleModel(), artifacts=artifacts, code_paths=[str(PACKAGE_DIR)],
+                pip_requirements=pip_requirements(), input_example=example, signature=ensemble_signature(settings))
+    return info, settings, text
+
+
 def register_best_trial(study, model_name: str, alias: str = "champion", *, cohort_fingerprint: str = ""):
     """Register the best trial's fold ensemble; move `alias` only if it beats the current holder.
 
     Returns the new ModelVersion. Tags: study, trial, objective, CV mean±std of test metrics,
-    cohort fingerprint.
+    cohort fingerprint; its description is the model card.
     """
+    from mmbrca.model_card import model_card
+
     client = mlflow.MlflowClient()
     best = study.best_trial
     trial_run = best.user_attrs["mlflow_run_id"]
-    fold_uris = [f"runs:/{run_id}/model" for run_id in best.user_attrs["fold_run_ids"]]
-    example = _ensemble_example(fold_uris)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        members = {f"fold{i}": mlflow.artifacts.download_artifacts(uri, dst_path=f"{tmp}/fold{i}")
-                   for i, uri in enumerate(fold_uris)}
-        ensemble = EnsembleModel()
-        ensemble.models = [mlflow.pyfunc.load_model(path) for path in members.values()]
-        output = ensemble.predict(None, example)
-        with mlflow.start_run(run_id=trial_run):
-            info = mlflow.pyfunc.log_model(
-                name="ensemble", python_model=EnsembleModel(), artifacts=members, code_paths=[str(PACKAGE_DIR)],
-                pip_requirements=pip_requirements(), input_example=example,
-                signature=mlflow.models.infer_signature(example, output))
-    version = mlflow.register_model(info.model_uri, model_name)
+    cv = {metric: tuple(values) for metric, values in best.user_attrs.get("cv_test", {}).items()}
     direction = study.direction.name.lower()
+    info, _, card = log_ensemble(
+        best.user_attrs["fold_run_ids"], run_id=trial_run,
+        card=lambda settings, tags: model_card(model_name=model_name, settings=settings, cohort_path=tags["cohort_path"],
+                                               modality=tags["modality"], study=study.study_name, trial=best, cv=cv,
+                                               direction=direction))
+    version = mlflow.register_model(info.model_uri, model_name)
+    client.update_model_version(model_name, version.version, description=card)
     tags = {"study": study.study_name, "trial_number": str(best.number), "objective": repr(best.value),
             "direction": direction, "cohort_fingerprint": cohort_fingerprint, "trial_run_id": trial_run}
-    for metric, (mean, std) in best.user_attrs.get("cv_test", {}).items():
+    for metric, (mean, std) in cv.items():
         tags[f"cv_{metric}"] = f"{mean:.4f} ± {std:.4f}"
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version.version, key, value)

@@ -55,15 +55,24 @@ def _overlap(ids: pd.Index, patients: set[str]) -> int:
     return sum(parse_barcode(i).patient in patients for i in ids)
 
 
-def _orient(frame: pd.DataFrame, orientation: Orientation, patients: set[str], path: Path) -> tuple[pd.DataFrame, str]:
-    """Return samples × genes. 'auto' picks the axis whose ids match more labelled patients."""
+def _orient(frame: pd.DataFrame, orientation: Orientation, patients: set[str] | None, path: Path,
+            genes: set[str] | None = None) -> tuple[pd.DataFrame, str]:
+    """Return samples × genes. 'auto' picks the axis whose ids match more labelled patients, or, with
+    no patients given, the axis holding more of `genes`."""
     if orientation not in ORIENTATIONS:
         raise UserError(f"--orientation: expected one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
-    if orientation == "auto":
+    if orientation == "auto" and patients is None:
+        genes = genes or set()
+        in_rows, in_columns = len(genes & set(frame.index)), len(genes & set(frame.columns))
+        if not in_rows and not in_columns:
+            raise UserError(f"{path}: no row or column id is a gene of the model (ids start "
+                            f"{list(frame.index[:2])} and {list(frame.columns[:2])})")
+        orientation = "genes-by-samples" if in_rows >= in_columns else "samples-by-genes"
+    elif orientation == "auto":
         by_columns, by_rows = _overlap(frame.columns, patients), _overlap(frame.index, patients)
         orientation = "genes-by-samples" if by_columns >= by_rows else "samples-by-genes"
     oriented = frame.T if orientation == "genes-by-samples" else frame
-    if _overlap(oriented.index, patients) == 0:
+    if patients is not None and _overlap(oriented.index, patients) == 0:
         axis = "column" if orientation == "genes-by-samples" else "row"
         raise UserError(f"{path}: no expression sample id matches a labelled patient ({orientation}: {axis} ids "
                         f"start {list(oriented.index[:2])}; labels start {sorted(patients)[:2]})")
@@ -128,17 +137,18 @@ def _choose_samples(sample_ids: pd.Index) -> tuple[dict[str, str], list[dict]]:
     return chosen, dropped
 
 
-def read_expression(path: str | os.PathLike, labelled_patients: set[str], *, orientation: Orientation = "auto",
-                    duplicate_genes: DuplicateGenes = "error") -> Expression:
+def read_expression(path: str | os.PathLike, labelled_patients: set[str] | None, *, orientation: Orientation = "auto",
+                    duplicate_genes: DuplicateGenes = "error", genes: set[str] | None = None) -> Expression:
     """Read, orient, validate and resolve an expression matrix (CSV/TSV/Parquet).
 
     Validation is strict: non-numeric, NaN or infinite values and duplicate sample ids are errors;
-    duplicate gene ids follow `duplicate_genes`.
+    duplicate gene ids follow `duplicate_genes`. `labelled_patients` None (new patients to predict)
+    orients the matrix by the model's `genes` instead.
     """
     path = Path(path)
     if duplicate_genes not in DUPLICATE_GENE_RULES:
         raise UserError(f"--duplicate-genes: expected one of {', '.join(DUPLICATE_GENE_RULES)}, got {duplicate_genes!r}")
-    frame, orientation = _orient(_load_matrix(path), orientation, labelled_patients, path)
+    frame, orientation = _orient(_load_matrix(path), orientation, labelled_patients, path, genes)
     if frame.index.has_duplicates:
         raise UserError(f"{path}: duplicate sample id {frame.index[frame.index.duplicated()][0]!r}")
     frame = _to_numeric(frame, path)

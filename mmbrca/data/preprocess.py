@@ -49,15 +49,22 @@ class GenePreprocessor:
     def n_genes(self) -> int:
         return len(self.genes)
 
-    def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """Raw patients × genes (any superset of `genes`) → (N, G) float32 model input."""
+    def transform(self, frame: pd.DataFrame, *, impute_missing: bool = False) -> np.ndarray:
+        """Raw patients × genes (any superset of `genes`) → (N, G) float32 model input.
+
+        With `impute_missing`, absent genes and NaN values become the training mean (0 after
+        standardisation); without it they are an error.
+        """
         missing = [g for g in self.genes if g not in frame.columns]
-        if missing:
+        if missing and not impute_missing:
             raise UserError(f"expression lacks {len(missing)} gene(s) the model uses, e.g. {missing[:5]}")
-        values = frame[self.genes].to_numpy(np.float64)
+        values = frame.reindex(columns=self.genes).to_numpy(np.float64)
+        if np.isnan(values).any() and not impute_missing:
+            raise UserError("expression has missing (NaN) values for genes the model uses")
         if self.log_transform:
             values = np.log2(np.clip(values, 0, None) + 1)
-        return ((values - self.mean) / self.scale).astype(np.float32)
+        standardized = (values - self.mean) / self.scale
+        return np.nan_to_num(standardized, nan=0.0).astype(np.float32)
 
     def to_json(self) -> str:
         return json.dumps({"genes": self.genes, "log_transform": self.log_transform,

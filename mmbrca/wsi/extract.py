@@ -128,15 +128,19 @@ def _clean_stale_temp_files(directory: Path) -> None:
 
 
 def extract_slides(slide_paths: list[str], out_dir: str | os.PathLike, options: ExtractOptions, *,
-                   progress: bool = True) -> ExtractResult:
-    """Extract features for `slide_paths` into `out_dir`, skipping slides already cached."""
+                   progress: bool = True, encoder: tuple[torch.nn.Module, str] | None = None) -> ExtractResult:
+    """Extract features for `slide_paths` into `out_dir`, skipping slides already cached.
+
+    `encoder` is an already built (model, identity) to use instead of `options.weights` (a
+    registered model carries its own).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale_temp_files(out_dir)
     result = ExtractResult()
     started = time.perf_counter()
     names = feature_file_names(slide_paths)
-    params = options.content_params(weights_identity(options.weights))
+    params = options.content_params(encoder[1] if encoder else weights_identity(options.weights))
     keys, jobs = {}, []
     for index, path in enumerate(slide_paths):
         try:
@@ -149,9 +153,11 @@ def extract_slides(slide_paths: list[str], out_dir: str | os.PathLike, options: 
         else:
             jobs.append((index, path))
     if jobs:  # the model is built only when some slide needs it
-        _run_jobs(jobs, slide_paths, names, keys, params, out_dir, options, result, progress=progress)
+        _run_jobs(jobs, slide_paths, names, keys, params, out_dir, options, result, progress=progress,
+                  model=encoder[0] if encoder else None)
     _write_failures(out_dir / "failures.csv", result.failed)
-    _write_manifest(out_dir / "manifest.json", params, {p: names[p] for p in result.done + result.cached})
+    source = None if encoder or options.weights in ("none", "imagenet") else str(Path(options.weights).resolve())
+    _write_manifest(out_dir / "manifest.json", params, {p: names[p] for p in result.done + result.cached}, source)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -191,14 +197,14 @@ class _Batcher:
         return torch.cat(parts), routes
 
 
-def _run_jobs(jobs, slide_paths, names, keys, params, out_dir, options, result, *, progress: bool) -> None:
+def _run_jobs(jobs, slide_paths, names, keys, params, out_dir, options, result, *, progress: bool,
+              model: torch.nn.Module | None) -> None:
     device = options.torch_device()
     loader = DataLoader(_SlideTiles(jobs, options), batch_size=None, num_workers=options.workers,
                         worker_init_fn=_worker_init if options.workers else None,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if options.workers else None)
     items = iter(loader)  # workers start planning and reading while the model is built
-    model, _ = build_encoder(options.weights)
-    encoder = TileEncoder(model, device)
+    encoder = TileEncoder(model if model is not None else build_encoder(options.weights)[0], device)
     result.encoder_loaded = True
     pending: dict[int, dict] = {}
     batcher = _Batcher(options.batch_size)
@@ -260,8 +266,9 @@ def _write_failures(path: Path, failed: dict[str, str]) -> None:
         writer.writerows(sorted(failed.items()))
 
 
-def _write_manifest(path: Path, params: dict, files: dict[str, str]) -> None:
-    manifest = {"params": params, "slides": dict(sorted(files.items()))}
+def _write_manifest(path: Path, params: dict, files: dict[str, str], encoder_source: str | None) -> None:
+    """`encoder_source`: where a local state dict was read from, so a registered model can carry it."""
+    manifest = {"params": params, "encoder_source": encoder_source, "slides": dict(sorted(files.items()))}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 

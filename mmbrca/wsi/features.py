@@ -89,20 +89,46 @@ def build_encoder(weights: str) -> tuple[nn.Module, str]:
                 f"({imagenet_cache_path()}) and cannot be downloaded ({type(exc).__name__}); copy the file there, "
                 "or use --weights PATH (a local state dict) or --weights none") from None
     else:
-        path = Path(weights)
-        state = _load_state_dict(path)
-        model = resnet50(weights=None)
-        model.fc = nn.Identity()
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shape mismatch
-            raise UserError(f"--weights {path}: not a ResNet-50 state dict ({str(exc).splitlines()[-1].strip()})") from None
-        if missing or unexpected:
-            culprit = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-            raise UserError(f"--weights {path}: not a ResNet-50 state dict ({culprit}, "
-                            f"{len(missing)} missing, {len(unexpected)} unexpected keys)")
+        model = _resnet50_from_state_dict(Path(weights))
     model.fc = nn.Identity()
     return model.eval().to(memory_format=torch.channels_last), weights_identity(weights)
+
+
+def _resnet50_from_state_dict(path: Path) -> nn.Module:
+    state = _load_state_dict(path)
+    model = resnet50(weights=None)
+    model.fc = nn.Identity()
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise UserError(f"--weights {path}: not a ResNet-50 state dict ({str(exc).splitlines()[-1].strip()})") from None
+    if missing or unexpected:
+        culprit = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise UserError(f"--weights {path}: not a ResNet-50 state dict ({culprit}, "
+                        f"{len(missing)} missing, {len(unexpected)} unexpected keys)")
+    return model
+
+
+def encoder_for_identity(identity: str, source: str | None = None) -> nn.Module:
+    """Rebuild the encoder that produced features with `identity` (as `weights_identity` names it).
+
+    A local state dict is found again through `source`, its path at extraction time, and must
+    still hash to the same identity.
+    """
+    if identity == weights_identity("none"):
+        return build_encoder("none")[0]
+    if identity == weights_identity("imagenet"):
+        return build_encoder("imagenet")[0]
+    if source and Path(source).is_file() and weights_identity(source) == identity:
+        return build_encoder(source)[0]
+    raise UserError(f"encoder weights {identity}: the state dict used for extraction ({source or 'path unknown'}) "
+                    "is missing or has changed; the model cannot carry the encoder it was trained with")
+
+
+def load_encoder(path: str | os.PathLike) -> nn.Module:
+    """An encoder saved with `torch.save(model.state_dict())` by `encoder_for_identity`'s caller."""
+    model = _resnet50_from_state_dict(Path(path))
+    return model.eval().to(memory_format=torch.channels_last)
 
 
 class TileEncoder:

@@ -1,0 +1,205 @@
+"""Registered models predict from raw slides and expression: CLI, fresh process, serving, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mmbrca.cli import cli
+from mmbrca.data.cohort import load_cohort
+from tests.conftest import subprocess_env
+
+MODEL = "predict-model"
+CHAMPION = f"models:/{MODEL}@champion"
+
+
+@pytest.fixture(scope="module")
+def registered(feature_cohort, demo_raw, tmp_path_factory):
+    """A one-trial cross-attention sweep over folds 0 and 1 on a copy of the demo cohort, registered;
+    the cohort copy is deleted afterwards, so only the registry holds what prediction needs.
+    New patients' raw inputs are copies of the demo slides and expression."""
+    from mmbrca.sweep import load_sweep, run_sweep
+
+    root = tmp_path_factory.mktemp("predict")
+    cohort = root / "cohort"
+    shutil.copytree(feature_cohort, cohort)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    spec_path = root / "sweep.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "study_name": "p", "cohort": str(cohort), "n_trials": 1, "folds": [0, 1],
+        "objective": {"metric": "val_loss", "direction": "minimize"},
+        "sampler": {"name": "RandomSampler", "args": {"seed": 0}}, "pruner": {"name": "NopPruner"},
+        "fixed": {"model.modality": "cross_attention", "train.epochs": 3, "preprocess.top_genes": 40,
+                  "model.heads": 2, "model.fusion_dim": 16},
+        "search_space": {"train.lr": {"type": "float", "low": 1e-3, "high": 2e-3, "log": True}},
+        "register": {"model_name": MODEL, "alias": "champion"}}))
+    try:
+        study = run_sweep(load_sweep(spec_path), storage=str(root / "p.journal"))
+        fold_runs = dict(zip([0, 1], study.best_trial.user_attrs["fold_run_ids"]))
+        folds = load_cohort(cohort).folds.copy()
+        shutil.rmtree(cohort)
+        new = root / "new"
+        shutil.copytree(demo_raw / "slides", new / "slides")
+        shutil.copy(demo_raw / "expression.tsv", new / "expression.tsv")
+        yield {"uri": uri, "root": root, "new": new, "fold_runs": fold_runs, "folds": folds,
+               "trial_run": study.best_trial.user_attrs["mlflow_run_id"]}
+    finally:
+        mlflow.set_tracking_uri(None)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture()
+def in_store(registered, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    mlflow.set_tracking_uri(registered["uri"])
+    yield mlflow.MlflowClient(registered["uri"])
+    mlflow.set_tracking_uri(None)
+
+
+def _expression_rows(registered, patients: list[str]) -> pd.DataFrame:
+    """Raw input rows (slide_path + gene columns) for demo patients, from the copied raw files."""
+    matrix = pd.read_csv(registered["new"] / "expression.tsv", sep="\t", index_col=0)
+    columns = {c.split("-01A")[0][:12]: c for c in matrix.columns if "-01" in c}
+    slides = {p.name[:12]: str(p) for p in (registered["new"] / "slides").glob("*.svs") if "-01" in p.name}
+    frame = pd.DataFrame({"patient_id": patients, "slide_path": [slides[p] for p in patients]})
+    genes = matrix.loc[:, [columns[p] for p in patients]].T.reset_index(drop=True)
+    return pd.concat([frame, genes.astype("float64")], axis=1)
+
+
+def test_fresh_process_predicts_new_patients_from_raw_files(registered, tmp_path):
+    out = tmp_path / "p.csv"
+    env = subprocess_env(registered["uri"])
+    command = [sys.executable, "-m", "mmbrca", "predict", "--model", CHAMPION, "--out", str(out),
+               "--expression", str(registered["new"] / "expression.tsv"), "--slides", str(registered["new"] / "slides")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    predicted = pd.read_csv(out)
+    expression_patients = {c[:12] for c in pd.read_csv(registered["new"] / "expression.tsv", sep="\t",
+                                                       index_col=0, nrows=0).columns if c[13:15] < "10"}
+    assert set(predicted["patient_id"]) == expression_patients
+    assert list(predicted.columns) == ["patient_id", "prob_Luminal", "prob_Basal/Her2", "predicted_class",
+                                       "status", "message"]
+    ok = predicted[predicted["status"] == "ok"]
+    np.testing.assert_allclose(ok["prob_Luminal"] + ok["prob_Basal/Her2"], 1.0, rtol=1e-6)
+    failed = predicted[predicted["status"] == "error"]
+    assert all("no slide_path" in m for m in failed["message"])  # demo patients without a slide
+    assert len(ok) >= 0.8 * len(predicted)
+    assert done.returncode == (1 if len(failed) else 0), done.stderr
+    assert "patients predicted" in done.stdout and "predict" in done.stderr  # summary and progress bar
+
+
+@pytest.mark.parametrize("fold", [0, 1])
+def test_raw_slide_predictions_equal_the_logged_test_predictions(registered, in_store, fold):
+    logged = pd.read_csv(mlflow.artifacts.download_artifacts(
+        f"runs:/{registered['fold_runs'][fold]}/test_predictions.csv"))
+    model = mlflow.pyfunc.load_model(CHAMPION)
+    rows = _expression_rows(registered, logged["patient_id"].tolist())
+    predicted = model.predict(rows, params={"fold": fold})
+    assert (predicted["status"] == "ok").all(), predicted["message"].tolist()
+    assert predicted["patient_id"].tolist() == logged["patient_id"].tolist()
+    for column in ("prob_Luminal", "prob_Basal/Her2"):
+        np.testing.assert_allclose(predicted[column], logged[column], atol=1e-5)
+    assert predicted["predicted_class"].tolist() == logged["predicted_class"].tolist()
+    ensemble = model.predict(rows)  # both folds averaged: a different number
+    assert not np.allclose(ensemble["prob_Luminal"], predicted["prob_Luminal"], atol=1e-4)
+
+
+def test_model_card_and_self_contained_artifacts(registered, in_store):
+    version = in_store.get_model_version_by_alias(MODEL, "champion")
+    card = version.description
+    for heading in ("## Training cohort", "## Label map", "## Cross-validated performance", "## Intended use",
+                    "## Limits"):
+        assert heading in card
+    assert "test_pr_auc" in card and "Luminal vs Basal/Her2" in card and "`BRCA.LumA` → Luminal" in card
+    local = Path(mlflow.artifacts.download_artifacts(CHAMPION))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert {"artifacts/encoder.pt", "artifacts/settings.json", "artifacts/model_card.md"} <= files
+    settings = json.loads((local / "artifacts/settings.json").read_text())
+    assert settings["folds"] == [0, 1] and settings["extraction"]["params"]["tile_size"] == 112
+    assert settings["extraction"]["params"]["encoder"] == "random-init-seed0"
+
+
+def _model_genes(registered) -> list[str]:
+    mlflow.set_tracking_uri(registered["uri"])
+    try:
+        schema = mlflow.models.get_model_info(CHAMPION).signature.inputs
+    finally:
+        mlflow.set_tracking_uri(None)
+    return [name for name in schema.input_names() if not name.endswith(("_id", "_path", "_paths"))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_served_model_answers_like_predict(registered, tmp_path):
+    patients = registered["folds"].index[:3].tolist()
+    rows = _expression_rows(registered, [p for p in patients])
+    rows.loc[1, "slide_path"] = str(tmp_path / "missing.svs")  # that row fails, the others are predicted
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    port = _free_port()
+    env = subprocess_env(registered["uri"])
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION, "--env-manager",
+                               "local", "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False)), "params": {"fold": 1}}
+        status, answer = _post(f"http://127.0.0.1:{port}/invocations", body)
+        assert status == 200, answer
+        served = pd.DataFrame(answer["predictions"])
+        used = _model_genes(registered)
+        bad = _post(f"http://127.0.0.1:{port}/invocations",
+                    {"dataframe_split": json.loads(rows.drop(columns=used[:2]).to_json(orient="split", index=False))})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    out = tmp_path / "cli.csv"
+    done = CliRunner(env={"MLFLOW_TRACKING_URI": registered["uri"]}).invoke(
+        cli, ["predict", "--model", CHAMPION, "--out", str(out), "--fold", "1", "--expression",
+              str(registered["new"] / "expression.tsv"), "--slides", str(registered["new"] / "slides")])
+    assert done.exit_code in (0, 1), done.output
+    expected = pd.read_csv(out).set_index("patient_id").loc[patients]
+    assert served["status"].tolist() == ["ok", "error", "ok"]
+    assert "missing.svs" in served["message"][1]
+    for column in ("prob_Luminal", "prob_Basal/Her2"):
+        np.testing.assert_allclose(served[column][[0, 2]], expected[column].iloc[[0, 2]], atol=1e-6)
+    assert served["predicted_class"][0] == expected["predicted_class"].iloc[0]
+    assert bad[0] == 400 and "2 of the model's" in bad[1]["message"] and used[0] in bad[1]["message"]
