@@ -317,6 +317,10 @@ def files_input(expression: Path | None, slides_dir: Path | None, genes: list[st
             patients = sorted({parse_barcode(p.name.split(".")[0]).patient if parse_barcode(p.name).is_tcga
                                else p.stem for p in found})
         slide_paths, dropped = match_slides(found, set(patients))
+        unreadable = [d for d in dropped if d["patient_id"] in set(patients) and d["reason"].startswith("not a format")]
+        for item in unreadable:  # the patient's row reports what the reader says about it
+            slide_paths.setdefault(item["patient_id"], []).append(item["id"])
+        dropped = [d for d in dropped if d not in unreadable]
         if dropped:
             report.append(f"{len(dropped)} slide(s) not used: " + "; ".join(
                 f"{Path(d['id']).name} ({d['reason']})" for d in dropped[:5]) + (" …" if len(dropped) > 5 else ""))

@@ -21,6 +21,8 @@ from click.testing import CliRunner
 
 from mmbrca.cli import cli
 from mmbrca.data.cohort import load_cohort
+from mmbrca.data.expression import read_expression
+from mmbrca.data.slides import find_slides, match_slides
 from tests.conftest import subprocess_env
 
 MODEL = "predict-model"
@@ -76,11 +78,10 @@ def in_store(registered, monkeypatch):
 
 def _expression_rows(registered, patients: list[str]) -> pd.DataFrame:
     """Raw input rows (slide_path + gene columns) for demo patients, from the copied raw files."""
-    matrix = pd.read_csv(registered["new"] / "expression.tsv", sep="\t", index_col=0)
-    columns = {c.split("-01A")[0][:12]: c for c in matrix.columns if "-01" in c}
-    slides = {p.name[:12]: str(p) for p in (registered["new"] / "slides").glob("*.svs") if "-01" in p.name}
-    frame = pd.DataFrame({"patient_id": patients, "slide_path": [slides[p] for p in patients]})
-    genes = matrix.loc[:, [columns[p] for p in patients]].T.reset_index(drop=True)
+    expression = read_expression(registered["new"] / "expression.tsv", set(patients)).values  # replicate rule
+    slides, _ = match_slides(find_slides(registered["new"] / "slides"), set(patients))
+    frame = pd.DataFrame({"patient_id": patients, "slide_path": [";".join(slides[p]) for p in patients]})
+    genes = expression.loc[patients].reset_index(drop=True)
     return pd.concat([frame, genes.astype("float64")], axis=1)
 
 
@@ -203,3 +204,91 @@ def test_served_model_answers_like_predict(registered, tmp_path):
         np.testing.assert_allclose(served[column][[0, 2]], expected[column].iloc[[0, 2]], atol=1e-6)
     assert served["predicted_class"][0] == expected["predicted_class"].iloc[0]
     assert bad[0] == 400 and "2 of the model's" in bad[1]["message"] and used[0] in bad[1]["message"]
+
+
+def _predict(registered, tmp_path, *args: str):
+    out = tmp_path / "out.csv"
+    result = CliRunner(env={"MLFLOW_TRACKING_URI": registered["uri"]}).invoke(
+        cli, ["predict", "--model", CHAMPION, "--out", str(out), *args])
+    return result, (pd.read_csv(out).set_index("patient_id") if out.exists() else None)
+
+
+def test_missing_genes_are_listed_or_imputed_and_extra_genes_ignored(registered, tmp_path):
+    used = _model_genes(registered)
+    matrix = pd.read_csv(registered["new"] / "expression.tsv", sep="\t", index_col=0)
+    slides = ["--slides", str(registered["new"] / "slides")]
+    matrix.drop(index=used[:3]).to_csv(tmp_path / "fewer.tsv", sep="\t")
+    result, table = _predict(registered, tmp_path, "--expression", str(tmp_path / "fewer.tsv"), *slides)
+    assert result.exit_code == 2 and table is None and not list(tmp_path.glob("*.csv"))
+    assert result.stderr.count("\n") == 1 and all(g in result.stderr for g in used[:3])
+    assert "--allow-missing-genes" in result.stderr
+
+    imputed_run, imputed = _predict(registered, tmp_path, "--expression", str(tmp_path / "fewer.tsv"), *slides,
+                                    "--allow-missing-genes")
+    assert imputed_run.exit_code in (0, 1), imputed_run.output
+    ok = imputed[imputed["status"] == "ok"]
+    assert len(ok) and ok["message"].str.contains("imputed 3 of").all()
+
+    extra = pd.concat([matrix, pd.DataFrame([np.arange(matrix.shape[1], dtype=float)], index=["NOT_A_GENE"],
+                                            columns=matrix.columns)])
+    extra.to_csv(tmp_path / "extra.tsv", sep="\t")
+    _, with_extra = _predict(registered, tmp_path, "--expression", str(tmp_path / "extra.tsv"), *slides)
+    _, plain = _predict(registered, tmp_path, "--expression", str(registered["new"] / "expression.tsv"), *slides)
+    pd.testing.assert_frame_equal(with_extra, plain)
+    assert not np.allclose(ok["prob_Luminal"], plain.loc[ok.index, "prob_Luminal"])  # imputation did change inputs
+
+
+def test_unreadable_slide_fails_only_its_row(registered, tmp_path):
+    slides = tmp_path / "slides"
+    shutil.copytree(registered["new"] / "slides", slides)
+    broken = sorted(slides.glob("*-01Z-*.svs"))[0]
+    broken.write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing else
+    result, table = _predict(registered, tmp_path, "--expression", str(registered["new"] / "expression.tsv"),
+                             "--slides", str(slides))
+    patient = broken.name[:12]
+    assert result.exit_code == 1
+    assert table.loc[patient, "status"] == "error" and broken.name in table.loc[patient, "message"]
+    assert np.isnan(table.loc[patient, "prob_Luminal"])
+    assert (table.drop(index=patient)["status"] == "ok").sum() >= len(table) - 1 - (table["message"].str.contains(
+        "no slide_path").sum())
+    assert f"failed: {patient}" in result.stderr
+
+
+@pytest.mark.parametrize(("uri", "fragment"), [("models:/no-such-model@champion", "no-such-model"),
+                                               (f"models:/{MODEL}/99", f"models:/{MODEL}/99"),
+                                               ("runs:/0123456789abcdef/ensemble", "runs:/0123456789abcdef")])
+def test_unknown_model_uri_is_one_line(registered, tmp_path, uri, fragment):
+    result = CliRunner(env={"MLFLOW_TRACKING_URI": registered["uri"]}).invoke(
+        cli, ["predict", "--model", uri, "--out", str(tmp_path / "o.csv"), "--expression",
+              str(registered["new"] / "expression.tsv")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_bad_options(registered, tmp_path):
+    fold, _ = _predict(registered, tmp_path, "--fold", "4", "--expression", str(registered["new"] / "expression.tsv"))
+    assert fold.exit_code == 2 and "--fold 4: the model holds folds [0, 1]" in fold.stderr
+    both, _ = _predict(registered, tmp_path, "--cohort", str(tmp_path), "--expression", "x.tsv")
+    assert both.exit_code == 2 and "--cohort cannot be combined" in both.stderr
+    neither, _ = _predict(registered, tmp_path)
+    assert neither.exit_code == 2 and "give --cohort" in neither.stderr
+
+
+def test_expression_files_and_cached_features_give_the_same_predictions(registered, in_store, feature_cohort,
+                                                                        tmp_path):
+    model = mlflow.pyfunc.load_model(CHAMPION)
+    patients = registered["folds"].index[:4].tolist()
+    rows = _expression_rows(registered, patients)
+    from_columns = model.predict(rows)
+    per_patient = rows[["patient_id", "slide_path"]].copy()
+    genes = rows.drop(columns=["patient_id", "slide_path"])
+    for i, patient in enumerate(patients):  # one file per patient: gene id and value, like a GDC download
+        genes.iloc[i].rename_axis("gene_id").rename("value").to_csv(tmp_path / f"{patient}.tsv", sep="\t")
+    per_patient["expression_path"] = [str(tmp_path / f"{p}.tsv") for p in patients]
+    from_files = model.predict(per_patient)
+    pd.testing.assert_frame_equal(from_files, from_columns)
+
+    result, table = _predict(registered, tmp_path, "--cohort", str(feature_cohort))  # the cohort's cached features
+    assert result.exit_code in (0, 1), result.output
+    assert {"true_class", "fold"} <= set(table.columns)
+    np.testing.assert_allclose(table.loc[patients, "prob_Luminal"], from_columns["prob_Luminal"], atol=1e-5)

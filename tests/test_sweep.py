@@ -77,7 +77,9 @@ def test_sweep_builds_the_run_tree_and_registers_the_best(feature_cohort, tmp_pa
     assert "±" in version.tags["cv_test_pr_auc"] and version.tags["cohort_fingerprint"]
     model = mlflow.pyfunc.load_model("models:/s-model@champion")
     predicted = model.predict(model.input_example)
-    assert list(predicted.columns) == ["patient_id", "prob_Luminal", "prob_Basal/Her2", "predicted_class"]
+    assert list(predicted.columns) == ["patient_id", "prob_Luminal", "prob_Basal/Her2", "predicted_class", "status",
+                                       "message"]
+    assert (predicted["status"] == "ok").all()
 
 
 def test_alias_moves_only_to_a_better_version(feature_cohort, tmp_path, tracking, monkeypatch):
