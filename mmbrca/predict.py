@@ -88,7 +88,9 @@ def prepare(frame: pd.DataFrame, settings: PredictorSettings, workdir: Path, *, 
             if row in errors or not n_missing:
                 continue
             absent = genes.columns[genes.iloc[row].isna().to_numpy()].tolist()
-            if allow_missing_genes:
+            if n_missing == len(settings.genes):
+                errors[row] = "no expression for this patient (no gene columns with values, no expression_path)"
+            elif allow_missing_genes:
                 notes[row] = f"imputed {n_missing} of {len(settings.genes)} genes with the training mean"
             else:
                 errors[row] = describe_missing(absent, len(settings.genes))
@@ -150,7 +152,8 @@ def _features(frame: pd.DataFrame, settings: PredictorSettings, workdir: Path, e
             continue
         if given[row]:
             paths = [p.strip() for p in given[row].split(";") if p.strip()]
-            problem = next((r for r in map(lambda p: _check_feature_file(p, settings.extraction), paths) if r), None)
+            problems = [_check_feature_file(p, settings.extraction) for p in paths]
+            problem = next((p for p in problems if p), None)
             if problem:
                 errors[row] = problem
             else:
@@ -320,7 +323,8 @@ def files_input(expression: Path | None, slides_dir: Path | None, genes: list[st
         unreadable = [d for d in dropped if d["patient_id"] in set(patients) and d["reason"].startswith("not a format")]
         for item in unreadable:  # the patient's row reports what the reader says about it
             slide_paths.setdefault(item["patient_id"], []).append(item["id"])
-        dropped = [d for d in dropped if d not in unreadable]
+        dropped = [{**d, "reason": "no patient of the expression matches the slide name"}
+                   if d["reason"].startswith("no labelled patient") else d for d in dropped if d not in unreadable]
         if dropped:
             report.append(f"{len(dropped)} slide(s) not used: " + "; ".join(
                 f"{Path(d['id']).name} ({d['reason']})" for d in dropped[:5]) + (" …" if len(dropped) > 5 else ""))

@@ -253,6 +253,10 @@ def log_ensemble(fold_run_ids: list[str], *, run_id: str, card: Callable[[object
                      for i, r in enumerate(fold_run_ids)}
         members = [mlflow.pyfunc.load_model(path).unwrap_python_model() for path in artifacts.values()]
         settings = _settings(members, folds)
+        if settings.uses_tiles and settings.extraction is None:  # fold models logged before they carried it
+            from mmbrca.wsi.extract import extraction_settings
+
+            settings.extraction = extraction_settings(fold_runs[0].data.tags["cohort_path"])
         encoder = None
         if settings.uses_tiles:
             encoder = encoder_for_identity(settings.extraction["params"]["encoder"],

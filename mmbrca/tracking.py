@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -98,10 +97,10 @@ def log_model(workdir: Path, model: Classifier, config: Config, data: FoldData, 
 
     example = model_input(data.records["test"][:2], cohort, data.preprocessor)
     output = predictions.drop(columns=["site", "true_class"]).head(2)
-    extraction = None
-    if model.uses_tiles:  # the settings that made the features, so a registered model can redo them from slides
-        manifest = json.loads((cohort.path / "features" / "manifest.json").read_text())
-        extraction = {"params": manifest["params"], "encoder_source": manifest.get("encoder_source")}
+    from mmbrca.wsi.extract import extraction_settings
+
+    # the settings that made the features, so a registered model can make them again from slides
+    extraction = extraction_settings(cohort.path) if model.uses_tiles else None
     return log_fold_model(model=model.cpu(), config=config, preprocessor=data.preprocessor,
                           tile_normalizer=data.tile_normalizer, classes=data.classes, input_example=example,
                           output_example=output, workdir=workdir, extraction=extraction)

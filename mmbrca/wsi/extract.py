@@ -273,6 +273,15 @@ def _write_manifest(path: Path, params: dict, files: dict[str, str], encoder_sou
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def extraction_settings(cohort_dir: str | os.PathLike) -> dict:
+    """The settings that made a cohort's features (`params`, `encoder_source`), for models to carry."""
+    path = Path(cohort_dir) / FEATURES_DIR / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no feature manifest; run `mmbrca extract {cohort_dir}`")
+    manifest = json.loads(path.read_text())
+    return {"params": manifest["params"], "encoder_source": manifest.get("encoder_source")}
+
+
 def extract_cohort(cohort_dir: str | os.PathLike, options: ExtractOptions, *, experiment: str = "mmbrca",
                    progress: bool = True, use_project_run: bool = True) -> ExtractResult:
     """Extract features for every slide of a cohort into COHORT/features, tracked as an MLflow run."""
