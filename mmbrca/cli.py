@@ -254,15 +254,15 @@ def predict(model_uri: str, out: Path, cohort_dir: Path | None, expression: Path
     model = _load_model(model_uri)
     genes = prediction.model_genes(model)
     settings = getattr(model.unwrap_python_model(), "settings", None)
+    if settings is None:
+        raise UserError(f"--model {model_uri}: not a registered mmbrca model (a fold model's runs:/…/model takes "
+                        "cached features in Python only); use models:/NAME@alias or a trial's runs:/RUN/ensemble")
     params = {k: v for k, v in {"fold": fold, "allow_missing_genes": allow_missing_genes or None}.items() if v is not None}
-    if params and model.metadata.get_params_schema() is None:
-        raise UserError(f"--model {model_uri}: this model takes no --fold or --allow-missing-genes (not a registered "
-                        "ensemble)")
-    if settings is not None and fold is not None and fold not in settings.folds:
+    if fold is not None and fold not in settings.folds:
         raise UserError(f"--fold {fold}: the model holds folds {settings.folds}")
     if cohort_dir is not None:
         frame = prediction.cohort_input(cohort_dir, genes, use_features=cached_features,
-                                        extraction=settings.extraction if settings else None)
+                                        extraction=settings.extraction)
         report = []
     else:
         frame, report = prediction.files_input(expression, slides_dir, genes)
@@ -279,7 +279,7 @@ def predict(model_uri: str, out: Path, cohort_dir: Path | None, expression: Path
         result.to_csv(tmp, index=False)
     for line in report:
         click.echo(line, err=True)
-    failed = result[result["status"] == prediction.STATUS_ERROR] if "status" in result else result.iloc[:0]
+    failed = result[result["status"] == prediction.STATUS_ERROR]
     click.echo(f"{len(result) - len(failed)} of {len(result)} patients predicted → {out}")
     if len(failed):
         for patient, message in zip(failed["patient_id"], failed["message"]):

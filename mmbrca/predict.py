@@ -41,6 +41,7 @@ class PredictorSettings:
     uses_genes: bool
     uses_tiles: bool
     extraction: dict | None  # the features' content params (encoder, mpp, tile_size, tiles_per_slide, ...)
+    label_map: dict | None = None  # raw label → class, as the training cohort used it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

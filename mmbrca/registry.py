@@ -263,6 +263,9 @@ def log_ensemble(fold_run_ids: list[str], *, run_id: str, card: Callable[[object
                                            settings.extraction.get("encoder_source"))
             torch.save(encoder.state_dict(), f"{tmp}/encoder.pt")
             artifacts["encoder"] = f"{tmp}/encoder.pt"
+        manifest = Path(fold_runs[0].data.tags["cohort_path"]) / "cohort.json"
+        if manifest.is_file():
+            settings.label_map = json.loads(manifest.read_text()).get("label_map")
         Path(f"{tmp}/settings.json").write_text(settings.to_json())
         artifacts["settings"] = f"{tmp}/settings.json"
         text = card(settings, fold_runs[0].data.tags) if card else ""

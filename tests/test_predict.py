@@ -135,6 +135,7 @@ def test_model_card_and_self_contained_artifacts(registered, in_store):
     settings = json.loads((local / "artifacts/settings.json").read_text())
     assert settings["folds"] == [0, 1] and settings["extraction"]["params"]["tile_size"] == 112
     assert settings["extraction"]["params"]["encoder"] == "random-init-seed0"
+    assert settings["label_map"]["map"]["BRCA.LumA"] == "Luminal" and settings["classes"] == ["Luminal", "Basal/Her2"]
 
 
 def _model_genes(registered) -> list[str]:
@@ -292,3 +293,17 @@ def test_expression_files_and_cached_features_give_the_same_predictions(register
     assert result.exit_code in (0, 1), result.output
     assert {"true_class", "fold"} <= set(table.columns)
     np.testing.assert_allclose(table.loc[patients, "prob_Luminal"], from_columns["prob_Luminal"], atol=1e-5)
+
+
+def test_any_model_uri_predicts(registered, tmp_path, feature_cohort):
+    rows = ["--expression", str(registered["new"] / "expression.tsv"), "--slides", str(registered["new"] / "slides")]
+    by_alias, alias_table = _predict(registered, tmp_path, *rows)
+    out = tmp_path / "v.csv"
+    runner = CliRunner(env={"MLFLOW_TRACKING_URI": registered["uri"]})
+    for uri in (f"models:/{MODEL}/1", f"runs:/{registered['trial_run']}/ensemble"):
+        result = runner.invoke(cli, ["predict", "--model", uri, "--out", str(out), *rows])
+        assert result.exit_code == by_alias.exit_code, result.output
+        pd.testing.assert_frame_equal(pd.read_csv(out).set_index("patient_id"), alias_table)
+    fold_model = runner.invoke(cli, ["predict", "--model", f"runs:/{registered['fold_runs'][0]}/model", "--out",
+                                     str(out), "--cohort", str(feature_cohort)])
+    assert fold_model.exit_code == 2 and "not a registered mmbrca model" in fold_model.stderr
