@@ -309,6 +309,8 @@ def files_input(expression: Path | None, slides_dir: Path | None, genes: list[st
         raise UserError("give --cohort, or --expression and/or --slides")
     report: list[str] = []
     values = None
+    if expression is not None and not genes:
+        raise UserError(f"--expression {expression}: this model uses no expression; give --slides only")
     if expression is not None:
         values = read_expression(expression, None, orientation=orientation, duplicate_genes=duplicate_genes,
                                  genes=set(genes)).values
