@@ -135,10 +135,10 @@ def read_sample_expression(path: Path, patients: set[str]) -> pd.DataFrame:
         raise UserError(f"{path}: expression file not found")
     matrix = _load_matrix(path)
     if matrix.shape[1] == 1 and len(patients) == 1:  # a single sample: gene id, value
-        values = pd.to_numeric(matrix.iloc[:, 0], errors="coerce")
+        values = pd.to_numeric(matrix.iloc[:, 0], errors="coerce").groupby(level=0, sort=False).mean()
         if values.isna().all():
             raise UserError(f"{path}: expression values are not numeric")
-        return pd.DataFrame([values.to_numpy(np.float64)], index=sorted(patients), columns=matrix.index)
+        return pd.DataFrame([values.to_numpy(np.float64)], index=sorted(patients), columns=values.index)
     return read_expression(path, patients, duplicate_genes="mean").values
 
 
