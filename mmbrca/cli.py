@@ -271,7 +271,12 @@ def predict(model_uri: str, out: Path, cohort_dir: Path | None, expression: Path
         raise UserError(prediction.describe_missing(missing, len(genes)) + " (--allow-missing-genes imputes them "
                         "with the training mean)")
     extra = [c for c in ("true_class", "fold") if c in frame]
-    result = prediction.predict_in_chunks(model, frame.drop(columns=extra), params=params, chunk_size=chunk_size)
+    try:
+        result = prediction.predict_in_chunks(model, frame.drop(columns=extra), params=params, chunk_size=chunk_size)
+    except Exception as exc:  # the model reports bad input as MlflowException(INVALID_PARAMETER_VALUE)
+        if getattr(exc, "error_code", None) != "INVALID_PARAMETER_VALUE":
+            raise
+        raise UserError(f"--model {model_uri}: {exc.message}") from None
     for column in extra:
         result[column] = frame[column].to_numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
