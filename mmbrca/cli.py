@@ -240,15 +240,20 @@ def register(study_name: str, storage: str, model_name: str, alias: str) -> None
               help="Impute genes missing from the input with the training mean instead of failing.")
 @click.option("--cached-features/--no-cached-features", default=True, show_default=True,
               help="With --cohort: use its extracted features when they match the model's settings.")
+@click.option("--out-of-fold", is_flag=True,
+              help="With the model's training cohort: each patient by the fold model that did not train on it.")
 @click.option("--chunk-size", default=8, show_default=True, help="Patients per model call.")
 def predict(model_uri: str, out: Path, cohort_dir: Path | None, expression: Path | None, slides_dir: Path | None,
-            fold: int | None, allow_missing_genes: bool, cached_features: bool, chunk_size: int) -> None:
+            fold: int | None, allow_missing_genes: bool, cached_features: bool, out_of_fold: bool,
+            chunk_size: int) -> None:
     """Predict subtypes for new patients with a registered model, from raw slides and expression."""
     from mmbrca import predict as prediction
     from mmbrca.io import atomic_path
 
     if cohort_dir is not None and (expression is not None or slides_dir is not None):
         raise UserError("--cohort cannot be combined with --expression or --slides")
+    if out_of_fold and (cohort_dir is None or fold is not None):
+        raise UserError("--out-of-fold needs --cohort (the model's training cohort) and no --fold")
     if chunk_size < 1:
         raise UserError(f"--chunk-size must be at least 1, got {chunk_size}")
     model = _load_model(model_uri)
@@ -263,7 +268,7 @@ def predict(model_uri: str, out: Path, cohort_dir: Path | None, expression: Path
     if cohort_dir is not None:
         frame = prediction.cohort_input(cohort_dir, genes, use_features=cached_features,
                                         extraction=settings.extraction)
-        report = []
+        report = _training_cohort_check(cohort_dir, settings, out_of_fold=out_of_fold, fold=fold)
     else:
         frame, report = prediction.files_input(expression, slides_dir, genes)
     missing = prediction.missing_gene_columns(frame, genes) if genes else []
@@ -272,7 +277,12 @@ def predict(model_uri: str, out: Path, cohort_dir: Path | None, expression: Path
                         "with the training mean)")
     extra = [c for c in ("true_class", "fold") if c in frame]
     try:
-        result = prediction.predict_in_chunks(model, frame.drop(columns=extra), params=params, chunk_size=chunk_size)
+        if out_of_fold:
+            result = prediction.predict_out_of_fold(model, frame.drop(columns=extra), frame["fold"], settings,
+                                                    params=params, chunk_size=chunk_size)
+        else:
+            result = prediction.predict_in_chunks(model, frame.drop(columns=extra), params=params,
+                                                  chunk_size=chunk_size)
     except Exception as exc:  # the model reports bad input as MlflowException(INVALID_PARAMETER_VALUE)
         if getattr(exc, "error_code", None) != "INVALID_PARAMETER_VALUE":
             raise
@@ -290,6 +300,21 @@ def predict(model_uri: str, out: Path, cohort_dir: Path | None, expression: Path
         for patient, message in zip(failed["patient_id"], failed["message"]):
             click.echo(f"  failed: {patient}: {message}", err=True)
         raise SystemExit(1)
+
+
+def _training_cohort_check(cohort_dir: Path, settings, *, out_of_fold: bool, fold: int | None) -> list[str]:
+    """Refuse out-of-fold predictions on another cohort; warn about ensembles on training patients."""
+    from mmbrca.data.cohort import load_cohort
+
+    fingerprint = load_cohort(cohort_dir).fingerprint
+    same = settings.cohort_fingerprint is not None and fingerprint == settings.cohort_fingerprint
+    if out_of_fold and not same:
+        raise UserError(f"--out-of-fold: {cohort_dir} is not the model's training cohort (fingerprint "
+                        f"{fingerprint[:12]}, the model's {str(settings.cohort_fingerprint)[:12]})")
+    if same and not out_of_fold and fold is None:
+        return ["warning: these patients trained the model's fold models (all but one each): ensemble predictions "
+                "are optimistic; --out-of-fold gives held-out ones"]
+    return []
 
 
 def _load_model(uri: str):

@@ -55,7 +55,8 @@ def model_card(*, model_name: str, settings: PredictorSettings, cohort_path: str
     lines += [f"| {metric} | {mean:.3f} ± {std:.3f} |" for metric, (mean, std) in sorted(cv.items())]
     lines += ["", "## Intended use", "", INTENDED_USE, "", "## Limits", "",
               "- Every training-cohort patient trained all fold models but one: ensemble predictions for them are "
-              "optimistic. For held-out predictions use `fold=k` on the patients of test fold k.",
+              "optimistic. For held-out predictions use `fold=k` on the patients of test fold k "
+              "(`mmbrca predict --cohort … --out-of-fold`).",
               f"- Trained on {counts.get('patients', '?')} patients from {len(counts.get('per_site', {}))} sites; "
               "other hospitals, scanners and staining protocols shift both modalities. Site-preserved "
               "cross-validation estimates that loss; check it before trusting new sites.",

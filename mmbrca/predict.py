@@ -42,6 +42,7 @@ class PredictorSettings:
     uses_tiles: bool
     extraction: dict | None  # the features' content params (encoder, mpp, tile_size, tiles_per_slide, ...)
     label_map: dict | None = None  # raw label → class, as the training cohort used it
+    cohort_fingerprint: str | None = None  # the training cohort's
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -338,14 +339,46 @@ def files_input(expression: Path | None, slides_dir: Path | None, genes: list[st
 
 
 def predict_in_chunks(model, frame: pd.DataFrame, *, params: dict | None, chunk_size: int = 8,
-                      progress: bool = True) -> pd.DataFrame:
-    """model.predict over `chunk_size` patients at a time, with a progress bar over patients."""
+                      progress: bool = True, bar=None) -> pd.DataFrame:
+    """model.predict over `chunk_size` patients at a time, with a progress bar over patients
+    (its own, or `bar` shared with other calls)."""
     from tqdm import tqdm
 
+    shown = bar if bar is not None else tqdm(total=len(frame), desc="predict", unit="patient", disable=not progress)
     parts = []
-    with tqdm(total=len(frame), desc="predict", unit="patient", disable=not progress) as bar:
+    try:
         for start in range(0, len(frame), chunk_size):
             part = frame.iloc[start:start + chunk_size]
             parts.append(model.predict(part, params=params) if params else model.predict(part))
-            bar.update(len(part))
+            shown.update(len(part))
+    finally:
+        if bar is None:
+            shown.close()
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def predict_out_of_fold(model, frame: pd.DataFrame, row_folds: pd.Series, settings: PredictorSettings, *,
+                        params: dict | None, chunk_size: int = 8, progress: bool = True) -> pd.DataFrame:
+    """Each training-cohort patient predicted by the fold model that did not train on it.
+
+    `row_folds[i]` is row i's test fold; rows of a fold the model holds no member for get an error.
+    """
+    from tqdm import tqdm
+
+    frame, row_folds = frame.reset_index(drop=True), pd.Series(row_folds).reset_index(drop=True)
+    parts = []
+    with tqdm(total=len(frame), desc="predict", unit="patient", disable=not progress) as bar:
+        for fold in settings.folds:
+            rows = frame.index[row_folds == fold]
+            if len(rows):
+                part = predict_in_chunks(model, frame.loc[rows], params={**(params or {}), "fold": fold},
+                                         chunk_size=chunk_size, bar=bar)
+                parts.append(part.set_axis(rows))
+    orphans = frame.index.difference(pd.Index([i for part in parts for i in part.index]))
+    if len(orphans):
+        errors = {i: f"fold {row_folds[orphans[i]]} has no model (the model holds folds {settings.folds})"
+                  for i in range(len(orphans))}
+        parts.append(output_frame(frame.loc[orphans, "patient_id"].tolist(), np.zeros((len(orphans),
+                                  len(settings.classes))), settings.classes, errors, {}).set_axis(orphans))
+    return pd.concat(parts).sort_index()
+

@@ -263,6 +263,7 @@ def log_ensemble(fold_run_ids: list[str], *, run_id: str, card: Callable[[object
                                            settings.extraction.get("encoder_source"))
             torch.save(encoder.state_dict(), f"{tmp}/encoder.pt")
             artifacts["encoder"] = f"{tmp}/encoder.pt"
+        settings.cohort_fingerprint = fold_runs[0].data.tags.get("cohort_fingerprint")
         manifest = Path(fold_runs[0].data.tags["cohort_path"]) / "cohort.json"
         if manifest.is_file():
             settings.label_map = json.loads(manifest.read_text()).get("label_map")

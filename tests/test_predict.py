@@ -307,3 +307,28 @@ def test_any_model_uri_predicts(registered, tmp_path, feature_cohort):
     fold_model = runner.invoke(cli, ["predict", "--model", f"runs:/{registered['fold_runs'][0]}/model", "--out",
                                      str(out), "--cohort", str(feature_cohort)])
     assert fold_model.exit_code == 2 and "not a registered mmbrca model" in fold_model.stderr
+
+
+def test_out_of_fold_predictions_on_the_training_cohort(registered, feature_cohort, tmp_path):
+    result, table = _predict(registered, tmp_path, "--cohort", str(feature_cohort), "--out-of-fold")
+    assert result.exit_code == 1  # the tiny sweep trained folds 0 and 1 only: the other folds' rows fail
+    for fold, run_id in registered["fold_runs"].items():
+        logged = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/test_predictions.csv",
+                                                                 tracking_uri=registered["uri"]))
+        held_out = table.loc[logged["patient_id"]]
+        assert (held_out["fold"] == fold).all() and (held_out["status"] == "ok").all()
+        np.testing.assert_allclose(held_out["prob_Luminal"], logged["prob_Luminal"], atol=1e-5)
+    others = table[~table["fold"].isin([0, 1])]
+    assert len(others) and (others["status"] == "error").all()
+    assert others["message"].str.contains("has no model").all()
+    assert table.index.tolist() == load_cohort(feature_cohort).table["patient_id"].tolist()  # input order
+
+    warned, ensemble = _predict(registered, tmp_path, "--cohort", str(feature_cohort))
+    assert "ensemble predictions are optimistic" in warned.stderr and len(ensemble) == len(table)
+    elsewhere = tmp_path / "other"  # another cohort (here: the same files under another fingerprint)
+    shutil.copytree(feature_cohort, elsewhere)
+    manifest = json.loads((elsewhere / "cohort.json").read_text())
+    manifest["fingerprint"] = "0" * 64
+    (elsewhere / "cohort.json").write_text(json.dumps(manifest))
+    refused, _ = _predict(registered, tmp_path, "--cohort", str(elsewhere), "--out-of-fold")
+    assert refused.exit_code == 2 and "not the model's training cohort" in refused.stderr
