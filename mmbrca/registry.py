@@ -164,7 +164,6 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from mmbrca.errors import UserError
         from mmbrca.predict import predict_raw
 
         params = params or {}
@@ -194,42 +193,41 @@ def ensemble_signature(settings) -> mlflow.models.ModelSignature:
     return mlflow.models.ModelSignature(Schema(inputs), Schema(outputs), params)
 
 
-def _settings(members: list[FoldModel], folds: list[int]):
-    """The ensemble's settings from its fold models, which must agree on classes and extraction."""
+def _settings(members: list[FoldModel], fold_runs: list):
+    """The ensemble's settings from its fold models (which must agree on classes and extraction) and
+    the training cohort their runs name."""
     from mmbrca.predict import PredictorSettings
+    from mmbrca.wsi.extract import extraction_settings
 
-    first = members[0]
+    first, tags = members[0], fold_runs[0].data.tags
     for member in members[1:]:
         if member.classes != first.classes or (member.extraction or {}).get("params") != (
                 first.extraction or {}).get("params"):
             raise UserError("the fold models disagree on classes or feature extraction settings; retrain them on "
                             "one cohort with one set of features")
-    genes = sorted({g for m in members if m.preprocessor for g in m.preprocessor.genes})
-    return PredictorSettings(classes=list(first.classes), genes=genes, folds=folds, uses_genes=first.uses_genes,
-                             uses_tiles=first.uses_tiles, extraction=first.extraction)
+    extraction = first.extraction
+    if first.uses_tiles and extraction is None:  # fold models logged before they carried it
+        extraction = extraction_settings(tags["cohort_path"])
+    manifest = Path(tags["cohort_path"]) / "cohort.json"
+    return PredictorSettings(
+        classes=list(first.classes), genes=sorted({g for m in members if m.preprocessor for g in m.preprocessor.genes}),
+        folds=[int(float(r.data.tags["fold"])) for r in fold_runs], uses_genes=first.uses_genes,
+        uses_tiles=first.uses_tiles, extraction=extraction,
+        label_map=json.loads(manifest.read_text()).get("label_map") if manifest.is_file() else None,
+        cohort_fingerprint=tags.get("cohort_fingerprint"))
 
 
 def _example(cohort_path: Path, settings) -> pd.DataFrame:
-    """Two training patients as raw input rows: slide path, cached features and expression."""
-    from mmbrca.data.bags import feature_files_by_patient
-    from mmbrca.data.cohort import load_cohort
+    """Two training patients as raw input rows: slide paths, cached features and expression."""
+    from mmbrca.predict import cohort_input
 
-    cohort = load_cohort(cohort_path)
-    table = cohort.table
+    rows = cohort_input(cohort_path, settings.genes, use_features=True, extraction=settings.extraction)
+    complete = pd.Series(True, index=rows.index)
     if settings.uses_tiles:
-        table = table[table["has_slide"]]
-    if settings.uses_genes:
-        table = table[table["has_expression"]]
-    table = table.head(2)
-    frame = pd.DataFrame({"patient_id": table["patient_id"].astype(str).tolist(),
-                          "slide_path": [";".join(p) for p in table["slide_paths"]]})
-    if settings.uses_tiles:
-        files = feature_files_by_patient(cohort.path, dict(zip(frame["patient_id"], map(list, table["slide_paths"]))))
-        frame["feature_paths"] = [";".join(map(str, files.get(p, []))) for p in frame["patient_id"]]
-    if settings.uses_genes:
-        raw = cohort.expression(genes=settings.genes).loc[frame["patient_id"]].reset_index(drop=True)
-        frame = pd.concat([frame, raw.astype("float64")], axis=1)
-    return frame
+        complete &= rows["slide_path"] != ""
+    if settings.genes:
+        complete &= rows[settings.genes].notna().all(axis=1)
+    return rows[complete].head(2).drop(columns=["true_class", "fold"]).reset_index(drop=True)
 
 
 def _better(new: float, old: float, direction: str) -> bool:
@@ -247,26 +245,16 @@ def log_ensemble(fold_run_ids: list[str], *, run_id: str, card: Callable[[object
 
     client = mlflow.MlflowClient()
     fold_runs = [client.get_run(r) for r in fold_run_ids]
-    folds = [int(float(r.data.tags["fold"])) for r in fold_runs]
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {f"fold{i}": mlflow.artifacts.download_artifacts(f"runs:/{r}/model", dst_path=f"{tmp}/fold{i}")
                      for i, r in enumerate(fold_run_ids)}
         members = [mlflow.pyfunc.load_model(path).unwrap_python_model() for path in artifacts.values()]
-        settings = _settings(members, folds)
-        if settings.uses_tiles and settings.extraction is None:  # fold models logged before they carried it
-            from mmbrca.wsi.extract import extraction_settings
-
-            settings.extraction = extraction_settings(fold_runs[0].data.tags["cohort_path"])
-        encoder = None
+        settings = _settings(members, fold_runs)
         if settings.uses_tiles:
             encoder = encoder_for_identity(settings.extraction["params"]["encoder"],
                                            settings.extraction.get("encoder_source"))
             torch.save(encoder.state_dict(), f"{tmp}/encoder.pt")
             artifacts["encoder"] = f"{tmp}/encoder.pt"
-        settings.cohort_fingerprint = fold_runs[0].data.tags.get("cohort_fingerprint")
-        manifest = Path(fold_runs[0].data.tags["cohort_path"]) / "cohort.json"
-        if manifest.is_file():
-            settings.label_map = json.loads(manifest.read_text()).get("label_map")
         Path(f"{tmp}/settings.json").write_text(settings.to_json())
         artifacts["settings"] = f"{tmp}/settings.json"
         text = card(settings, fold_runs[0].data.tags) if card else ""

@@ -94,11 +94,10 @@ def log_model(workdir: Path, model: Classifier, config: Config, data: FoldData, 
               predictions: pd.DataFrame):
     """The fold model; its input example is two test patients, its output example their predictions."""
     from mmbrca.registry import log_fold_model, model_input
+    from mmbrca.wsi.extract import extraction_settings
 
     example = model_input(data.records["test"][:2], cohort, data.preprocessor)
     output = predictions.drop(columns=["site", "true_class"]).head(2)
-    from mmbrca.wsi.extract import extraction_settings
-
     # the settings that made the features, so a registered model can make them again from slides
     extraction = extraction_settings(cohort.path) if model.uses_tiles else None
     return log_fold_model(model=model.cpu(), config=config, preprocessor=data.preprocessor,
