@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mmbrca.config import load_config
-    from mmbrca.predict import cohort_input, model_genes, predict_in_chunks
+    from mmbrca.predict import cohort_input, predict_in_chunks
     from mmbrca.registry import log_ensemble
     from mmbrca.train import train_fold
     from mmbrca.wsi.extract import ExtractOptions, extract_slides
@@ -45,7 +45,7 @@ def main() -> None:
         run_id = train_fold(cohort, config, progress=False).run_id
         info, settings, _ = log_ensemble([run_id], run_id=run_id)
         model = mlflow.pyfunc.load_model(info.model_uri)
-        rows = cohort_input(cohort, model_genes(model), use_features=False, extraction=None)
+        rows = cohort_input(cohort, settings.genes, use_features=False, extraction=None)
         rows = rows[rows["slide_path"] != ""].head(args.patients).drop(columns=["true_class", "fold"])
         slides = [p for paths in rows["slide_path"] for p in paths.split(";")]
         params = settings.extraction["params"]

@@ -257,11 +257,11 @@ def predict(model_uri: str, out: Path, cohort_dir: Path | None, expression: Path
     if chunk_size < 1:
         raise UserError(f"--chunk-size must be at least 1, got {chunk_size}")
     model = _load_model(model_uri)
-    genes = prediction.model_genes(model)
     settings = getattr(model.unwrap_python_model(), "settings", None)
     if settings is None:
         raise UserError(f"--model {model_uri}: not a registered mmbrca model (a fold model's runs:/…/model takes "
                         "cached features in Python only); use models:/NAME@alias or a trial's runs:/RUN/ensemble")
+    genes = settings.genes
     params = {k: v for k, v in {"fold": fold, "allow_missing_genes": allow_missing_genes or None}.items() if v is not None}
     if fold is not None and fold not in settings.folds:
         raise UserError(f"--fold {fold}: the model holds folds {settings.folds}")

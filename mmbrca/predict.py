@@ -27,7 +27,6 @@ import pandas as pd
 
 from mmbrca.errors import UserError
 
-RESERVED_COLUMNS = ("patient_id", "slide_path", "feature_paths", "expression_path")
 STATUS_OK, STATUS_ERROR = "ok", "error"
 
 
@@ -259,14 +258,6 @@ def predict_raw(frame: pd.DataFrame, settings: PredictorSettings, members: list,
 
 
 # ------------------------------------------------------------------------------------------ the CLI side
-
-
-def model_genes(model) -> list[str]:
-    """The gene columns a loaded pyfunc model declares in its input schema."""
-    schema = model.metadata.get_input_schema()
-    if schema is None:
-        return []
-    return [c for c in schema.input_names() if c not in RESERVED_COLUMNS]
 
 
 def cohort_input(cohort_dir: str | os.PathLike, genes: list[str], *, use_features: bool,
