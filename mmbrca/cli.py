@@ -235,7 +235,8 @@ def register(study_name: str, storage: str, model_name: str, alias: str) -> None
               help="Expression matrix (CSV/TSV/Parquet) of the patients, either orientation.")
 @click.option("--slides", "slides_dir", default=None, callback=_optional_path,
               help="Directory searched recursively for the patients' slides (matched by barcode prefix).")
-@click.option("--fold", type=int, default=None, help="Use only the model of this test fold [default: all, averaged].")
+@click.option("--fold", type=float, default=None,
+              help="Use only the model of this test fold [default: all, averaged; -1 also means all].")
 @click.option("--allow-missing-genes", is_flag=True,
               help="Impute genes missing from the input with the training mean instead of failing.")
 @click.option("--cached-features/--no-cached-features", default=True, show_default=True,
@@ -244,12 +245,15 @@ def register(study_name: str, storage: str, model_name: str, alias: str) -> None
               help="With the model's training cohort: each patient by the fold model that did not train on it.")
 @click.option("--chunk-size", default=8, show_default=True, help="Patients per model call.")
 def predict(model_uri: str, out: Path, cohort_dir: Path | None, expression: Path | None, slides_dir: Path | None,
-            fold: int | None, allow_missing_genes: bool, cached_features: bool, out_of_fold: bool,
+            fold: float | None, allow_missing_genes: bool, cached_features: bool, out_of_fold: bool,
             chunk_size: int) -> None:
     """Predict subtypes for new patients with a registered model, from raw slides and expression."""
     from mmbrca import predict as prediction
     from mmbrca.io import atomic_path
 
+    if fold is not None and fold != int(fold):
+        raise UserError(f"--fold must be a whole number, got {fold:g}")
+    fold = None if fold is None or fold < 0 else int(fold)
     if cohort_dir is not None and (expression is not None or slides_dir is not None):
         raise UserError("--cohort cannot be combined with --expression or --slides")
     if out_of_fold and (cohort_dir is None or fold is not None):

@@ -269,6 +269,8 @@ def test_unknown_model_uri_is_one_line(registered, tmp_path, uri, fragment):
 def test_bad_options(registered, tmp_path):
     fold, _ = _predict(registered, tmp_path, "--fold", "4", "--expression", str(registered["new"] / "expression.tsv"))
     assert fold.exit_code == 2 and "--fold 4: the model holds folds [0, 1]" in fold.stderr
+    half, _ = _predict(registered, tmp_path, "--fold", "0.5", "--expression", str(registered["new"] / "expression.tsv"))
+    assert half.exit_code == 2 and "--fold must be a whole number, got 0.5" in half.stderr
     both, _ = _predict(registered, tmp_path, "--cohort", str(tmp_path), "--expression", "x.tsv")
     assert both.exit_code == 2 and "--cohort cannot be combined" in both.stderr
     neither, _ = _predict(registered, tmp_path)
@@ -332,3 +334,26 @@ def test_out_of_fold_predictions_on_the_training_cohort(registered, feature_coho
     (elsewhere / "cohort.json").write_text(json.dumps(manifest))
     refused, _ = _predict(registered, tmp_path, "--cohort", str(elsewhere), "--out-of-fold")
     assert refused.exit_code == 2 and "not the model's training cohort" in refused.stderr
+
+
+def test_mlflow_run_predict_entry_point(registered, tmp_path):
+    """`mlflow run . -e predict`: the registered model on raw files, one fold."""
+    expression = read_expression(registered["new"] / "expression.tsv", None,
+                                 genes=set(_model_genes(registered))).values
+    slides, _ = match_slides(find_slides(registered["new"] / "slides"), set(expression.index))
+    with_slides = [p for p in expression.index if p in slides]
+    expression.loc[with_slides].T.to_csv(tmp_path / "expression.tsv", sep="\t")  # genes x samples
+    out = tmp_path / "p.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(Path(__file__).parents[1]), "-e", "predict", "--env-manager",
+         "local", "-P", f"model={CHAMPION}", "-P", f"expression={tmp_path / 'expression.tsv'}",
+         "-P", f"slides={registered['new'] / 'slides'}", "-P", f"out={out}", "-P", "fold=1"],
+        capture_output=True, text=True, env=subprocess_env(registered["uri"]), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(out).set_index("patient_id")
+    assert sorted(table.index) == sorted(with_slides) and (table["status"] == "ok").all()
+    logged = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{registered['fold_runs'][1]}/test_predictions.csv",
+                                                             tracking_uri=registered["uri"])).set_index("patient_id")
+    shared = logged.index.intersection(table.index)
+    assert len(shared)
+    np.testing.assert_allclose(table.loc[shared, "prob_Luminal"], logged.loc[shared, "prob_Luminal"], atol=1e-5)
