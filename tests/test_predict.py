@@ -153,6 +153,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_until_ready(server: subprocess.Popen, port: int, log: Path, attempts: int = 240) -> None:
+    """Poll /ping once a second; fail with the server's log if it exits or never answers."""
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.poll() is not None:
+            break
+        time.sleep(1)
+    pytest.fail(f"model server not ready: {log.read_text()[-3000:]}")
+
+
 def _post(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -173,16 +188,7 @@ def test_served_model_answers_like_predict(registered, tmp_path):
                                "local", "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
     try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(1)
+        _wait_until_ready(server, port, tmp_path / "server.log")
         body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False)), "params": {"fold": 1}}
         status, answer = _post(f"http://127.0.0.1:{port}/invocations", body)
         assert status == 200, answer
