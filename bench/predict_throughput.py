@@ -49,9 +49,7 @@ def main() -> None:
         rows = rows[rows["slide_path"] != ""].head(args.patients).drop(columns=["true_class", "fold"])
         slides = [p for paths in rows["slide_path"] for p in paths.split(";")]
         params = settings.extraction["params"]
-        options = ExtractOptions(weights="none", mpp=params["mpp"], tile_size=params["tile_size"],
-                                 tiles_per_slide=params["tiles_per_slide"], min_tissue=params["min_tissue"],
-                                 seed=params["seed"])
+        options = ExtractOptions.from_content_params(params)
         encoder = model.unwrap_python_model().encoder
 
         extract_slides(slides[:2], tmp / "warm-up", options, progress=False, encoder=(encoder, params["encoder"]))

@@ -180,14 +180,13 @@ def _features(frame: pd.DataFrame, settings: PredictorSettings, workdir: Path, e
 
 
 def _check_feature_file(path: str, extraction: dict | None) -> str | None:
-    from mmbrca.wsi.features import read_key
-
-    if not Path(path).is_file() or read_key(Path(path)) is None:
-        return f"{path}: not a feature file"
     import h5py
 
-    with h5py.File(path, "r") as h5:
-        params = json.loads(h5.attrs["params"])
+    try:
+        with h5py.File(path, "r") as h5:
+            params = json.loads(h5.attrs["params"])
+    except (OSError, KeyError):
+        return f"{path}: not a feature file"
     expected = (extraction or {}).get("params")
     if expected is not None and params != expected:
         differing = sorted(k for k in set(params) | set(expected) if params.get(k) != expected.get(k))
@@ -205,9 +204,7 @@ def slide_encoder(settings: PredictorSettings, encoder) -> Callable:
 
     def encode(slides: list[str], out_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
         workers = 0 if len(slides) == 1 else min(default_workers(), len(slides))
-        options = ExtractOptions(weights="none", mpp=params["mpp"], tile_size=params["tile_size"],
-                                 tiles_per_slide=params["tiles_per_slide"], min_tissue=params["min_tissue"],
-                                 assume_mpp=params["assume_mpp"], seed=params["seed"], workers=workers)
+        options = ExtractOptions.from_content_params(params, workers=workers)
         result = extract_slides(slides, out_dir, options, progress=False, encoder=(encoder, params["encoder"]))
         names = feature_file_names(slides)
         return {p: out_dir / names[p] for p in result.done + result.cached}, result.failed
@@ -263,23 +260,25 @@ def predict_raw(frame: pd.DataFrame, settings: PredictorSettings, members: list,
 def cohort_input(cohort_dir: str | os.PathLike, genes: list[str], *, use_features: bool,
                  extraction: dict | None) -> pd.DataFrame:
     """Input rows for every patient of a cohort: its slides (or matching cached features) and expression."""
+    import pyarrow.parquet as pq
+
     from mmbrca.data.bags import feature_files_by_patient
     from mmbrca.data.cohort import load_cohort
+    from mmbrca.wsi.extract import extraction_settings
 
     cohort = load_cohort(cohort_dir)
     table = cohort.table.set_index("patient_id")
     patients = table.index.astype(str).tolist()
     frame = pd.DataFrame({"patient_id": patients,
                           "slide_path": [";".join(p) for p in table["slide_paths"]]})
-    manifest = cohort.path / "features" / "manifest.json"
-    if use_features and extraction and manifest.is_file() and \
-            json.loads(manifest.read_text())["params"] == extraction.get("params"):
+    if use_features and extraction and (cohort.path / "features" / "manifest.json").is_file() and \
+            extraction_settings(cohort.path)["params"] == extraction.get("params"):
         files = feature_files_by_patient(cohort.path, dict(zip(patients, map(list, table["slide_paths"]))))
         frame["feature_paths"] = [";".join(map(str, files.get(p, []))) for p in patients]
-    if genes and (cohort.path / "expression.parquet").is_file():
-        expression = cohort.expression()
-        present = [g for g in genes if g in expression.columns]
-        values = expression.reindex(patients)[present].reset_index(drop=True).astype(np.float64)
+    if genes and (cohort.path / "expression.parquet").is_file():  # only the model's genes are read
+        available = set(pq.read_schema(cohort.path / "expression.parquet").names)
+        present = [g for g in genes if g in available]
+        values = cohort.expression(genes=present).reindex(patients).reset_index(drop=True).astype(np.float64)
         frame = pd.concat([frame, values], axis=1)
     frame["true_class"] = table["class_name"].to_numpy()
     frame["fold"] = cohort.folds.reindex(patients).to_numpy()

@@ -70,6 +70,13 @@ class ExtractOptions:
                 "tiles_per_slide": self.tiles_per_slide, "min_tissue": self.min_tissue,
                 "assume_mpp": self.assume_mpp, "seed": self.seed, "tissue_masker": masker}
 
+    @classmethod
+    def from_content_params(cls, params: dict, **overrides) -> ExtractOptions:
+        """The options that reproduce features with `params` (as `content_params` wrote them)."""
+        return cls(weights="none", mpp=params["mpp"], tile_size=params["tile_size"],
+                   tiles_per_slide=params["tiles_per_slide"], min_tissue=params["min_tissue"],
+                   assume_mpp=params["assume_mpp"], seed=params["seed"], **overrides)
+
     def torch_device(self) -> torch.device:
         return resolve_device(self.device, option="--device")
 
