@@ -99,14 +99,26 @@ def prediction_frame(patients: list[str], probabilities: np.ndarray, classes: li
     return out
 
 
-def model_input(records: list[PatientRecord], cohort, preprocessor: GenePreprocessor | None) -> pd.DataFrame:
-    """The pyfunc input rows for cohort patients: id, feature files, raw expression of the model's genes."""
+def model_input(records: list[PatientRecord], expression: pd.DataFrame | None) -> pd.DataFrame:
+    """The pyfunc input rows for cohort patients: id, feature files and the raw `expression` (patients ×
+    the model's genes; None for image models)."""
     frame = pd.DataFrame({"patient_id": [r.patient_id for r in records],
                           "feature_paths": [";".join(str(f) for f in r.feature_files) for r in records]})
-    if preprocessor is not None:
-        raw = cohort.expression(genes=preprocessor.genes).loc[frame["patient_id"]]
+    if expression is not None:
+        raw = expression.loc[frame["patient_id"]]
         frame = pd.concat([frame, raw.reset_index(drop=True).astype("float64")], axis=1)
     return frame
+
+
+def fold_signature(genes: list[str], classes: list[str]) -> mlflow.models.ModelSignature:
+    """The fold model's columns, stated rather than inferred from its example (which is slow for 1,000 genes)."""
+    from mlflow.types import ColSpec, Schema
+
+    inputs = [ColSpec("string", "patient_id"), ColSpec("string", "feature_paths")]
+    inputs += [ColSpec("double", gene) for gene in genes]
+    outputs = ([ColSpec("string", "patient_id")] + [ColSpec("double", f"prob_{c}") for c in classes]
+               + [ColSpec("string", "predicted_class")])
+    return mlflow.models.ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
 def pip_requirements() -> list[str]:
@@ -137,10 +149,23 @@ def log_fold_model(*, model: torch.nn.Module, config: Config, preprocessor: Gene
     if tile_normalizer is not None:
         (workdir / "tile_normalizer.json").write_text(tile_normalizer.to_json())
         artifacts["tile_normalizer"] = str(workdir / "tile_normalizer.json")
-    signature = mlflow.models.infer_signature(input_example, output_example)  # no extra model load to infer it
-    return mlflow.pyfunc.log_model(name=name, python_model=FoldModel(), artifacts=artifacts,
-                                   code_paths=[str(PACKAGE_DIR)], pip_requirements=pip_requirements(),
-                                   input_example=input_example, signature=signature)
+    signature = fold_signature(preprocessor.genes if preprocessor is not None else [], classes)
+    return mlflow.models.Model.log(artifact_path=None, name=name, flavor=_PyfuncSavedOnce, flavor_name="pyfunc.CustomPythonModel",
+                                   validate_serving_input=False, python_model=FoldModel(),
+                                   artifacts=artifacts, code_paths=[str(PACKAGE_DIR)],
+                                   pip_requirements=pip_requirements(), input_example=input_example,
+                                   signature=signature)
+
+
+class _PyfuncSavedOnce:
+    """`mlflow.pyfunc` for `Model.log`, without the serving check that loads the saved model again."""
+
+    __name__ = "mlflow.pyfunc"
+
+    @staticmethod
+    def save_model(**kwargs):
+        kwargs.pop("validate_serving_input", None)
+        return mlflow.pyfunc.save_model(**kwargs)
 
 
 class EnsembleModel(mlflow.pyfunc.PythonModel):

@@ -69,8 +69,8 @@ def log_cohort_input(cohort: Cohort, data: FoldData) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
-def log_fold_artifacts(workdir: Path, config: Config, cohort: Cohort, data: FoldData, predictions: pd.DataFrame) -> None:
-    """PR curve, confusion matrix, test predictions, fold assignment and the resolved config."""
+def write_fold_reports(workdir: Path, config: Config, cohort: Cohort, data: FoldData, predictions: pd.DataFrame) -> None:
+    """The fold's results as files: PR curve, confusion matrix, test predictions, fold assignment, config."""
     from mmbrca.plots import confusion_matrix_png, pr_curve_png
 
     classes = data.classes
@@ -86,8 +86,6 @@ def log_fold_artifacts(workdir: Path, config: Config, cohort: Cohort, data: Fold
     title = f"{config.model.modality} fold {config.train.fold} (test)"
     pr_curve_png(workdir / "pr_curve.png", y_true == len(classes) - 1, scores, title=title, positive=classes[-1])
     confusion_matrix_png(workdir / "confusion_matrix.png", y_true, predicted, classes, title=title)
-    for name in ("test_predictions.csv", "folds.csv", "config.yaml", "pr_curve.png", "confusion_matrix.png"):
-        mlflow.log_artifact(str(workdir / name))
 
 
 def log_model(workdir: Path, model: Classifier, config: Config, data: FoldData, cohort: Cohort,
@@ -96,7 +94,7 @@ def log_model(workdir: Path, model: Classifier, config: Config, data: FoldData, 
     from mmbrca.registry import log_fold_model, model_input
     from mmbrca.wsi.extract import extraction_settings
 
-    example = model_input(data.records["test"][:2], cohort, data.preprocessor)
+    example = model_input(data.records["test"][:2], data.expression)
     output = predictions.drop(columns=["site", "true_class"]).head(2)
     # the settings that made the features, so a registered model can make them again from slides
     extraction = extraction_settings(cohort.path) if model.uses_tiles else None

@@ -44,6 +44,7 @@ class FoldData:
     tile_normalizer: TileNormalizer | None
     excluded: int  # patients lacking a modality the model needs
     classes: list[str]
+    expression: pd.DataFrame | None = None  # raw values of the model's genes, patients × genes
 
     def split_of(self) -> dict[str, str]:
         """patient → train, val or test."""
@@ -64,7 +65,7 @@ class FoldResult:
 
 
 class Timer:
-    """Wall-time per phase (data, train, eval, log_metrics, log_model, artifacts) for benchmarks."""
+    """Wall-time per phase (data, train, eval, reports, log_metrics, log_artifacts, log_model) for benchmarks."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -138,13 +139,14 @@ def setup_data(cohort: Cohort, config: Config, uses_genes: bool, uses_tiles: boo
         raise UserError(f"{cohort.path}: no patient has {need} for modality {config.model.modality!r}")
     splits = _split_patients(eligible, cohort.folds, config)
 
-    preprocessor, genes = None, None
+    preprocessor, genes, raw = None, None, None
     if uses_genes:
         expression = cohort.expression()
         preprocessor = GenePreprocessor.fit(expression.loc[splits["train"]], top_genes=config.preprocess.top_genes,
                                             log_transform=config.preprocess.log_transform,
                                             standardize=config.preprocess.standardize)
         genes = pd.DataFrame(preprocessor.transform(expression), index=expression.index)
+        raw = expression[preprocessor.genes].copy()
     records = {}
     for name, patients in splits.items():
         records[name] = [PatientRecord(patient_id=p, label=int(table.at[p, "class_index"]), site=str(table.at[p, "site"]),
@@ -155,7 +157,7 @@ def setup_data(cohort: Cohort, config: Config, uses_genes: bool, uses_tiles: boo
     tile_normalizer = (TileNormalizer.fit([f for r in records["train"] for f in r.feature_files])
                        if uses_tiles else None)
     return FoldData(records=records, preprocessor=preprocessor, tile_normalizer=tile_normalizer,
-                    excluded=len(table) - len(eligible), classes=list(cohort.classes))
+                    excluded=len(table) - len(eligible), classes=list(cohort.classes), expression=raw)
 
 
 def _lr_lambda(warmup_steps: int, total_steps: int):
@@ -188,6 +190,8 @@ def evaluate(model: Classifier, records: list[PatientRecord], split: str, loss_f
 def train_fold(cohort_dir: str | Path, config: Config, *, progress: bool = True, log_model: bool = True,
                run_name: str | None = None, parent_run_id: str | None = None) -> FoldResult:
     """Train one fold, log everything to MLflow, and return the metrics and predictions."""
+    import mlflow
+
     from mmbrca import tracking
 
     cohort = load_cohort(cohort_dir)
@@ -218,11 +222,12 @@ def train_fold(cohort_dir: str | Path, config: Config, *, progress: bool = True,
         predictions = _prediction_table(data.records["test"], outputs["test"][0], data.classes)
         metrics |= _per_site_metrics(predictions, data.classes)
         with timer("log_metrics"):
-            import mlflow
-
             mlflow.log_metrics({**metrics, "best_epoch": best_epoch, "epochs_run": epochs_run})
-        with timer("artifacts"), tempfile.TemporaryDirectory() as tmp:
-            tracking.log_fold_artifacts(Path(tmp), config, cohort, data, predictions)
+        with tempfile.TemporaryDirectory() as tmp:
+            with timer("reports"):
+                tracking.write_fold_reports(Path(tmp), config, cohort, data, predictions)
+            with timer("log_artifacts"):
+                mlflow.log_artifacts(tmp)
         if log_model:
             with timer("log_model"), tempfile.TemporaryDirectory() as tmp:
                 tracking.log_model(Path(tmp), model, config, data, cohort, predictions)

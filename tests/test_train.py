@@ -1,6 +1,8 @@
 """The one-fold trainer on the demo cohort: honest splits, no leakage, learning, tracking, bad input."""
 
+import json
 import math
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -46,7 +48,7 @@ def test_preprocessing_is_fitted_on_training_patients_only(feature_cohort):
     np.testing.assert_allclose(standardized.mean(axis=0), 0, atol=1e-4)
 
 
-def test_trains_learns_and_logs_everything(feature_cohort, tracking):
+def test_trains_learns_and_logs_everything(feature_cohort, tracking, tmp_path):
     # fold 2: on this 30-patient cohort the 5-patient validation split of fold 1 selects the epoch-1 model
     config = load_config(None, ["fold=2", "model.modality=cross_attention", *FAST])
     result = train_fold(feature_cohort, config, progress=False)
@@ -79,11 +81,22 @@ def test_trains_learns_and_logs_everything(feature_cohort, tracking):
     assert model.metadata.signature is not None
     from mmbrca.registry import model_input
 
-    frame = model_input(result.data.records["test"], load_cohort(feature_cohort), result.data.preprocessor)
+    raw = load_cohort(feature_cohort).expression(genes=result.data.preprocessor.genes)
+    frame = model_input(result.data.records["test"], raw)
+    assert list(frame.columns) == model.metadata.get_input_schema().input_names()
     predicted = model.predict(frame)
     logged = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/test_predictions.csv"))
     np.testing.assert_allclose(predicted["prob_Basal/Her2"].to_numpy(), logged["prob_Basal/Her2"].to_numpy(),
                                atol=1e-5)
+    # the example a model server receives, through MLflow's own serving input path (not re-checked at logging)
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    served_path = tmp_path / "served.json"
+    mlflow.models.predict(model_uri, input_path=str(local / "serving_input_example.json"), content_type="json",
+                          output_path=str(served_path), env_manager="local")
+    served = pd.DataFrame(json.loads(served_path.read_text())["predictions"])
+    expected = logged.set_index("patient_id").loc[served["patient_id"]]
+    assert len(served) == 2 and list(served["predicted_class"]) == list(expected["predicted_class"])
+    np.testing.assert_allclose(served["prob_Basal/Her2"], expected["prob_Basal/Her2"], atol=1e-5)
 
 
 @pytest.mark.parametrize("modality", ["gene", "image", "concat"])
