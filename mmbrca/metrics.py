@@ -7,6 +7,7 @@ class is the last class of the label map.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, f1_score,
@@ -35,14 +36,18 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, *, spl
     is_positive = (y_true == positive).astype(int)
     score = probabilities[:, positive]
     both = 0 < is_positive.sum() < len(is_positive)
-    values = {
-        "accuracy": accuracy_score(y_true, predicted),
-        "pr_auc": average_precision_score(is_positive, score) if both else math.nan,
-        "f1": f1_score(is_positive, (predicted == positive).astype(int), zero_division=0),
-        "roc_auc": roc_auc_score(is_positive, score) if both else math.nan,
-        "mcc": matthews_corrcoef(y_true, predicted),
-        "balanced_accuracy": balanced_accuracy_score(y_true, predicted),
-    }
+    with warnings.catch_warnings():
+        # a split of one class (a small validation split): MCC is 0, balanced accuracy that class's recall
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
+        values = {
+            "accuracy": accuracy_score(y_true, predicted),
+            "pr_auc": average_precision_score(is_positive, score) if both else math.nan,
+            "f1": f1_score(is_positive, (predicted == positive).astype(int), zero_division=0),
+            "roc_auc": roc_auc_score(is_positive, score) if both else math.nan,
+            "mcc": matthews_corrcoef(y_true, predicted),
+            "balanced_accuracy": balanced_accuracy_score(y_true, predicted),
+        }
     if loss is not None:
         values["loss"] = loss
     return {metric_name(split, k): float(v) for k, v in values.items()}

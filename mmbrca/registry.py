@@ -11,7 +11,9 @@ fold models) and takes raw slides and expression; its input and output are in `m
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -150,11 +152,27 @@ def log_fold_model(*, model: torch.nn.Module, config: Config, preprocessor: Gene
         (workdir / "tile_normalizer.json").write_text(tile_normalizer.to_json())
         artifacts["tile_normalizer"] = str(workdir / "tile_normalizer.json")
     signature = fold_signature(preprocessor.genes if preprocessor is not None else [], classes)
-    return mlflow.models.Model.log(artifact_path=None, name=name, flavor=_PyfuncSavedOnce, flavor_name="pyfunc.CustomPythonModel",
-                                   validate_serving_input=False, python_model=FoldModel(),
-                                   artifacts=artifacts, code_paths=[str(PACKAGE_DIR)],
-                                   pip_requirements=pip_requirements(), input_example=input_example,
-                                   signature=signature)
+    with _no_copy_progress_bars():
+        return mlflow.models.Model.log(artifact_path=None, name=name, flavor=_PyfuncSavedOnce,
+                                       flavor_name="pyfunc.CustomPythonModel", validate_serving_input=False,
+                                       python_model=FoldModel(), artifacts=artifacts, code_paths=[str(PACKAGE_DIR)],
+                                       pip_requirements=pip_requirements(), input_example=input_example,
+                                       signature=signature)
+
+
+@contextmanager
+def _no_copy_progress_bars():
+    """MLflow draws a progress bar for each local file it copies into a model (five per fold model),
+    unless the user set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR themselves."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 class _PyfuncSavedOnce:

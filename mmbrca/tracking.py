@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,18 +56,23 @@ def log_cohort_input(cohort: Cohort, data: FoldData) -> None:
     split_of = data.split_of()
     table = cohort.table.drop(columns=["slide_paths"]).assign(
         fold=lambda t: t["patient_id"].map(cohort.folds), split=lambda t: t["patient_id"].map(split_of).fillna("unused"))
-    dataset = mlflow.data.from_pandas(table, source=str(cohort.path.resolve()), name=cohort.path.resolve().name,
-                                      targets="class_name", digest=cohort.fingerprint)
-    for attempt in range(5):
-        try:
-            mlflow.log_input(dataset, context="training")
-            return
-        except mlflow.exceptions.MlflowException as exc:
-            # Two workers registering the same dataset at once: the store's get-or-create races and one
-            # insert violates the unique key; the row exists now, so the next attempt links to it.
-            if "UNIQUE" not in str(exc) and "unique" not in str(exc) or attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source class twice, and hints at integer columns as if this were
+        # a model signature: neither concerns a dataset record
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column")
+        dataset = mlflow.data.from_pandas(table, source=str(cohort.path.resolve()), name=cohort.path.resolve().name,
+                                          targets="class_name", digest=cohort.fingerprint)
+        for attempt in range(5):
+            try:
+                mlflow.log_input(dataset, context="training")
+                return
+            except mlflow.exceptions.MlflowException as exc:
+                # Two workers registering the same dataset at once: the store's get-or-create races and one
+                # insert violates the unique key; the row exists now, so the next attempt links to it.
+                if "UNIQUE" not in str(exc) and "unique" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
 
 def write_fold_reports(workdir: Path, config: Config, cohort: Cohort, data: FoldData, predictions: pd.DataFrame) -> None:

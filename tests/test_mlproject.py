@@ -74,6 +74,7 @@ def test_mlflow_run_main_trains_a_fold(feature_cohort, tmp_path):
          "--experiment-name", "proj"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Downloading artifacts" not in proc.stderr and "Warning:" not in proc.stderr, proc.stderr[-3000:]
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "cross_attention/fold-1"
