@@ -135,7 +135,7 @@ def pip_requirements() -> list[str]:
 
 def log_fold_model(*, model: torch.nn.Module, config: Config, preprocessor: GenePreprocessor | None,
                    tile_normalizer: TileNormalizer | None, classes: list[str], input_example: pd.DataFrame,
-                   output_example: pd.DataFrame, workdir: Path, extraction: dict | None = None, name: str = "model"):
+                   workdir: Path, extraction: dict | None = None, name: str = "model"):
     """Log the fold model as an MLflow pyfunc model (with the mmbrca package as code)."""
     workdir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), workdir / "weights.pt")

@@ -94,19 +94,17 @@ def write_fold_reports(workdir: Path, config: Config, cohort: Cohort, data: Fold
     confusion_matrix_png(workdir / "confusion_matrix.png", y_true, predicted, classes, title=title)
 
 
-def log_model(workdir: Path, model: Classifier, config: Config, data: FoldData, cohort: Cohort,
-              predictions: pd.DataFrame):
-    """The fold model; its input example is two test patients, its output example their predictions."""
+def log_model(workdir: Path, model: Classifier, config: Config, data: FoldData, cohort: Cohort):
+    """The fold model; its input example is two test patients."""
     from mmbrca.registry import log_fold_model, model_input
     from mmbrca.wsi.extract import extraction_settings
 
     example = model_input(data.records["test"][:2], data.expression)
-    output = predictions.drop(columns=["site", "true_class"]).head(2)
     # the settings that made the features, so a registered model can make them again from slides
     extraction = extraction_settings(cohort.path) if model.uses_tiles else None
     return log_fold_model(model=model.cpu(), config=config, preprocessor=data.preprocessor,
                           tile_normalizer=data.tile_normalizer, classes=data.classes, input_example=example,
-                          output_example=output, workdir=workdir, extraction=extraction)
+                          workdir=workdir, extraction=extraction)
 
 
 class MetricBuffer:

@@ -230,7 +230,7 @@ def train_fold(cohort_dir: str | Path, config: Config, *, progress: bool = True,
                 mlflow.log_artifacts(tmp)
         if log_model:
             with timer("log_model"), tempfile.TemporaryDirectory() as tmp:
-                tracking.log_model(Path(tmp), model, config, data, cohort, predictions)
+                tracking.log_model(Path(tmp), model, config, data, cohort)
         run_id = run.info.run_id
     attention = {r.patient_id: a for r, a in zip(data.records["test"], outputs["test"][1])}
     return FoldResult(run_id=run_id, metrics=metrics, best_epoch=best_epoch, epochs_run=epochs_run,
