@@ -13,11 +13,12 @@ in the ratio.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import mlflow
+
+from _workspace import workspace  # bench/ is on sys.path when a benchmark runs
 
 
 def main() -> None:
@@ -33,14 +34,7 @@ def main() -> None:
     from mmbrca.train import train_fold
     from mmbrca.wsi.extract import ExtractOptions, extract_slides
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
-        cohort = args.cohort
-        if cohort is None:
-            from mmbrca.cli import _build_demo
-
-            cohort = _build_demo(tmp / "demo")
+    with workspace(args.cohort) as (tmp, cohort, _):
         config = load_config(None, ["fold=0", "epochs=2", "model.modality=cross_attention"])
         run_id = train_fold(cohort, config, progress=False).run_id
         info, settings, _ = log_ensemble([run_id], run_id=run_id)

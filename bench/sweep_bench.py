@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
-import mlflow
 import optuna
 import yaml
 
 from mmbrca.sweep import load_sweep, run_sweep
+from _workspace import workspace  # bench/ is on sys.path when a benchmark runs
 
 PRUNERS = {
     "MedianPruner": {"name": "MedianPruner", "args": {"n_startup_trials": 3, "n_warmup_steps": 1}},
@@ -92,14 +91,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-        cohort = args.cohort
-        if cohort is None:
-            from mmbrca.cli import _build_demo
-
-            cohort = _build_demo(root / "demo")
+    with workspace(args.cohort) as (root, cohort, _):
         if args.what == "pruning":
             bench_pruning(cohort.resolve(), root, args.trials or 12, args.epochs)
         else:

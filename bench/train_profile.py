@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,8 @@ from mmbrca.data.demo import DemoConfig, write_demo
 from mmbrca.data.labels import LabelMap
 from mmbrca.train import train_fold
 from mmbrca.wsi.features import feature_file_names, write_features
+
+from _workspace import workspace  # bench/ is on sys.path when a benchmark runs
 
 PEAK_SNIPPET = """
 import resource, sys
@@ -111,14 +112,7 @@ def main() -> None:
     parser.add_argument("--memory-patients", type=int, default=40, help="0 skips part (2)")
     parser.add_argument("--memory-tiles", type=int, default=3000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        uri = f"sqlite:///{tmp / 'mlflow.db'}"
-        cohort = args.cohort
-        if cohort is None:
-            from mmbrca.cli import _build_demo
-
-            cohort = _build_demo(tmp / "demo")
+    with workspace(args.cohort) as (tmp, cohort, uri):
         profile_fold(cohort, args.fold, args.epochs, uri)
         if args.memory_patients <= 0:
             return
